@@ -1,0 +1,36 @@
+# AdaStream — `make demo` and `make test` do all the set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Local tests run Ray without token auth; never set this on a shared cluster.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so a second `make setup` takes no time.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) pipelines/make_benchmark.py --out data/synthetic
+	$(PY) pipelines/check_data.py data/synthetic/manifest.csv
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) data/synthetic .pytest_cache

@@ -1,0 +1,92 @@
+"""adaptive: dynamic video recognition models in plain PyTorch.
+
+One file per method (``adafocus_v2.py``, ``full_frame.py``; AdaFocusV3,
+AdaFuse, AdaFrame and Ada3D follow), shared pieces in their own modules:
+
+* ``backbones``  -- torchvision MobileNetV2 / ResNet feature extractors (+ tiny configs, local weights)
+* ``cropping``   -- differentiable interpolation-based patch/cube selection (AdaFocusV2 Eq. 4-8)
+* ``policies``   -- the recurrent patch policy pi and the random/centre/Gaussian baselines
+* ``heads``      -- the accumulated max-pooling classifier fC
+* ``early_exit`` -- confidence/entropy exits and the MSDNet-style threshold solver (Eq. 12)
+* ``flops``      -- multiply-add accounting measured from the modules
+* ``sampling``   -- frame sampling and the coarse-to-fine frame order
+* ``interface``  -- the model contract used by training, evaluation and serving
+
+The contract (see ``adaptive/README.md`` and :mod:`adaptive.interface`)::
+
+    model = build_model("adafocus_v2", "tiny")          # or a config dataclass / dict
+    out = model(clip)                                    # clip [B, T, 3, H, W], ImageNet-normalised
+    out.logits  # [B, T, K] prediction after every frame
+    out.flops   # [B, T]    multiply-adds spent at every step (cumsum = cost if exiting there)
+    out.extra   # e.g. {"boxes": [B, T, 4] normalised xyxy, "centres": [B, T, 2]}
+    loss, logs = model.loss(clip, labels)                # the method's full objective
+    state = model.init_state(batch_size, device)         # dict of batch-first tensors
+    logits, state, flops, extra = model.step(frames, state)   # frames [B, 3, H, W]
+
+No Ray here: this package must import with torch and torchvision only.
+"""
+
+from .adafocus_v2 import AdaFocusV2, AdaFocusV2Config
+from .backbones import BackboneConfig, build_backbone
+from .early_exit import (
+    ExitPolicy,
+    evaluate_exits,
+    exit_steps,
+    geometric_exit_distribution,
+    solve_thresholds,
+    thresholds_for_budget,
+    trace_curve,
+)
+from .flops import FlopsProfile, count_macs
+from .full_frame import FullFrameConfig, FullFrameModel
+from .interface import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AdaptiveVideoModel,
+    ClipOutput,
+    State,
+    StepOutput,
+    available_models,
+    build_model,
+    normalize_uint8_clip,
+    select_state,
+    split_state,
+    stack_states,
+    state_from_bytes,
+    state_to_bytes,
+)
+from .sampling import coarse_to_fine_order, uniform_frame_indices
+
+__all__ = [
+    "AdaFocusV2",
+    "AdaFocusV2Config",
+    "AdaptiveVideoModel",
+    "BackboneConfig",
+    "ClipOutput",
+    "ExitPolicy",
+    "FlopsProfile",
+    "FullFrameConfig",
+    "FullFrameModel",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "State",
+    "StepOutput",
+    "available_models",
+    "build_backbone",
+    "build_model",
+    "coarse_to_fine_order",
+    "count_macs",
+    "evaluate_exits",
+    "exit_steps",
+    "geometric_exit_distribution",
+    "normalize_uint8_clip",
+    "select_state",
+    "solve_thresholds",
+    "split_state",
+    "stack_states",
+    "state_from_bytes",
+    "state_to_bytes",
+    "thresholds_for_budget",
+    "trace_curve",
+    "uniform_frame_indices",
+]
