@@ -88,20 +88,19 @@ class _Skip(Exception):
 
 def _open(path: str) -> Any:
     """Open a container from a local path or a pyarrow-supported URI."""
-    if "://" in path and not path.startswith("file://"):
+    if "://" in path:
         import pyarrow.fs as pa_fs
 
         filesystem, inner = pa_fs.FileSystem.from_uri(path)
         handle = filesystem.open_input_file(inner)
         return av.open(handle, mode="r", metadata_errors="ignore")
-    local = path[len("file://"):] if path.startswith("file://") else path
-    if not os.path.exists(local):
+    if not os.path.exists(path):
         raise _Skip("missing file")
-    if os.path.isdir(local):
+    if os.path.isdir(path):
         raise _Skip("is a directory, not a video file")
-    if os.path.getsize(local) == 0:
+    if os.path.getsize(path) == 0:
         raise _Skip("empty file (0 bytes)")
-    return av.open(local, mode="r", metadata_errors="ignore")
+    return av.open(path, mode="r", metadata_errors="ignore")
 
 
 def _video_info(container: Any, stream: Any) -> VideoInfo:

@@ -331,12 +331,12 @@ def load_manifest(path: str | Path, format: str = "auto", *, data_root: str | No
     template map (default: ``labels.json`` beside the list).
     """
     path = str(path)
-    if format == "auto":
-        format = detect_format(path)
-    if format not in FORMATS:
+    if format != "auto" and format not in FORMATS:
         raise ManifestError(f"unknown manifest format {format!r}; choose one of {', '.join(FORMATS)}")
     if not _exists(path):
         raise ManifestError(f"{path}: no such manifest")
+    if format == "auto":
+        format = detect_format(path)
     if format == "mmaction":
         return read_mmaction_list(path, data_root, split or "", classes)
     if format == "kinetics":
