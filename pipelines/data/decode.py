@@ -24,6 +24,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from pipelines.data.sampling import frame_window, sample_clip_indices
 
@@ -216,9 +217,14 @@ def _decode_clip(path: str, config: DecodeConfig, start: float | None, end: floa
         else:
             offset_x, offset_y = slack_x // 2, slack_y // 2
 
+        # One reformatter per video: it keeps its swscale context between frames, where
+        # ``frame.to_ndarray(width=...)`` would build a new one (filter tables and all) every frame.
+        reformatter = VideoReformatter()
+        interpolation = Interpolation[config.interpolation]
+
         def convert(frame: Any) -> np.ndarray:
-            image = frame.to_ndarray(width=out_w, height=out_h, format="rgb24",
-                                     interpolation=config.interpolation)
+            image = reformatter.reformat(frame, width=out_w, height=out_h, format="rgb24",
+                                         interpolation=interpolation).to_ndarray()
             return image[offset_y:offset_y + config.size, offset_x:offset_x + config.size]
 
         decoded, last_frame, last_index, repairs = _decode_targets(container, stream, info, np.unique(indices),

@@ -43,6 +43,8 @@ import multiprocessing as mp
 import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -63,16 +65,22 @@ __all__ = [
     "assign_labels_and_splits",
     "build_scene",
     "class_names",
+    "drift_trajectory",
+    "edge_taper",
     "encode_video",
+    "face_shading",
     "generate_benchmark",
     "glyph_pattern",
+    "glyph_period_px",
+    "legibility_mask",
     "make_video",
     "motion_trajectory",
     "pick_h264_encoder",
     "render_background_texture",
     "render_frame",
     "render_frames",
-    "render_object_sprite",
+    "render_object_sprites",
+    "shading_basis",
     "write_manifest",
 ]
 
@@ -145,6 +153,14 @@ DISTRACTOR_RINGS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.85, 0.10),
     "cyan": (0.10, 0.80, 0.85),
 }
+
+
+# Face shading (see face_shading): control grid size, std and clip of the control values.
+SHADING_KNOTS = 4
+SHADING_STD = 0.12
+SHADING_CLIP = 0.2
+# Glyph contrast ramps up over this many cells from the face border (see edge_taper).
+TAPER_CELLS = 1.5
 
 
 def class_names(task: str, classes: int) -> list[str]:
@@ -245,27 +261,39 @@ def assign_labels_and_splits(params: BenchmarkParams) -> list[tuple[int, str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def glyph_pattern(spec: GlyphSpec, n_cells: int, cell_px: int) -> np.ndarray:
-    """The ``±1`` texture of ``spec`` on an ``n_cells`` square grid of ``cell_px`` cells.
+def glyph_pattern(spec: GlyphSpec, face_px: int, cell_px: int, phase: tuple[int, int] = (0, 0)
+                  ) -> np.ndarray:
+    """The ``±1`` texture of ``spec`` on a ``face_px`` square, shifted by ``phase`` = (x, y) px.
 
-    Returns float32 ``[n_cells*cell_px, n_cells*cell_px]``. The pattern always starts at the face's
-    top-left corner, so the same class looks the same on every object.
+    A class is a *texture*, not a template: every object shows it at its own random phase (drawn
+    once per object), so what a low-resolution view might pick up at the face's border differs from
+    object to object while a full-resolution reader sees the same texture. Returns float32
+    ``[face_px, face_px]``.
     """
-    i = np.arange(n_cells)
-    phase = np.asarray(spec.phases)[i % len(spec.phases)]
-    cells = (i[None, :] + phase[:, None]) % 2  # row r alternates along x, starting at phase[r]
+    ph = np.asarray(spec.phases)
+    x = (np.arange(face_px) + phase[0]) // cell_px  # cell column of every pixel
+    y = (np.arange(face_px) + phase[1]) // cell_px  # cell row of every pixel
     if spec.transpose:
-        cells = cells.T
-    pattern = np.kron(cells, np.ones((cell_px, cell_px))) * 2.0 - 1.0
-    return pattern.astype(np.float32)
+        x, y = y, x
+        cells = (y[:, None] + ph[x[None, :] % len(ph)]) % 2  # column c alternates down y
+    else:
+        cells = (x[None, :] + ph[y[:, None] % len(ph)]) % 2  # row r alternates along x
+    return (cells * 2.0 - 1.0).astype(np.float32)
 
 
-def _edge_taper(face_px: int, taper_px: float) -> np.ndarray:
-    """Weights ramping from ~0 at the face border to 1 inside ``taper_px``.
+def glyph_period_px(spec: GlyphSpec, cell_px: int) -> tuple[int, int]:
+    """The texture's period (x, y) in pixels; an object's phase is drawn in ``[0, period)``."""
+    along, across = 2 * cell_px, len(spec.phases) * cell_px
+    return (across, along) if spec.transpose else (along, across)
 
-    Inside the face the glyph averages out exactly; at the border a box that straddles the edge would
-    see only part of a period and leak the glyph's edge cells (e.g. a dark first column). Tapering
-    the glyph's contrast towards the border removes that leak (measured in the docs).
+
+def edge_taper(face_px: int, taper_px: float) -> np.ndarray:
+    """Weights ramping linearly from ~0 at the face border to 1 at ``taper_px`` inside.
+
+    Inside the face the glyph averages out exactly under the box filter; a box that straddles the
+    border sees only part of a period and would leak the glyph's edge cells (e.g. a dark first
+    column). No finite pattern avoids this entirely; tapering the contrast towards the border
+    roughly halves it (docs/synthetic_benchmark.md), and the face shading masks the rest.
     """
     if taper_px <= 0:
         return np.ones((face_px, face_px), np.float32)
@@ -274,39 +302,63 @@ def _edge_taper(face_px: int, taper_px: float) -> np.ndarray:
     return np.minimum(w1[:, None], w1[None, :]).astype(np.float32)
 
 
-def render_object_sprite(
-    glyph: np.ndarray | None,
+def shading_basis(face_px: int, knots: int = SHADING_KNOTS) -> np.ndarray:
+    """``[face_px, knots]`` linear-interpolation weights from ``knots`` control points to pixels.
+
+    The face shading of frame t is ``U @ G_t @ U.T`` for a random ``[knots, knots]`` grid ``G_t``:
+    smooth "dappled light" with about ``face_px / (knots - 1)`` px correlation length.
+    """
+    pos = (np.arange(face_px) + 0.5) / face_px * (knots - 1)
+    i0 = np.clip(np.floor(pos).astype(int), 0, knots - 2)
+    frac = pos - i0
+    u = np.zeros((face_px, knots), np.float32)
+    u[np.arange(face_px), i0] = 1.0 - frac
+    u[np.arange(face_px), i0 + 1] = frac
+    return u
+
+
+def face_shading(rng: np.random.Generator, frames: int, face_px: int) -> np.ndarray:
+    """Random smooth luma shading of a face, ``[frames, face_px, face_px]`` float32.
+
+    Why: a 4x-downsampled face is only ~4x4 pixels, and the sole class signal left there is the
+    faint border leak of the glyph (above). Shading with that many degrees of freedom and several
+    times the leak's amplitude, changing smoothly over time, buries it, while at full resolution it
+    is a slow gradient under a crisp 2-px texture and does not hinder reading.
+    """
+    width = 3  # temporal smoothing: light drifts rather than flickers
+    z = rng.normal(size=(frames + width - 1, SHADING_KNOTS, SHADING_KNOTS))
+    z = np.stack([z[t:t + width].mean(0) for t in range(frames)]) * math.sqrt(width)
+    grid = np.clip(SHADING_STD * z, -SHADING_CLIP, SHADING_CLIP)
+    u = shading_basis(face_px)
+    return np.einsum("fk,tkl,gl->tfg", u, grid, u).astype(np.float32)
+
+
+def render_object_sprites(
+    glyph: np.ndarray,
+    legible: np.ndarray,
+    shading: np.ndarray,
     ring_rgb: Sequence[float],
     ring_px: int,
     face_grey: float,
     contrast: float,
     taper_px: float,
 ) -> np.ndarray:
-    """An opaque object: a coloured square ring around a grey face carrying ``glyph`` (luma only).
+    """An opaque object per frame: a coloured square ring around a shaded grey face.
 
-    ``glyph`` is a ``±1`` pattern (:func:`glyph_pattern`) or ``None`` for a blank face (an illegible
-    frame). The glyph changes R, G and B equally, i.e. only luma, so it survives yuv420p's
-    half-resolution chroma; the ring is a chroma cue at least ``ring_px >= 2`` wide for the same
-    reason. Returns uint8 ``[D, D, 3]`` with ``D = face + 2 * ring_px``.
+    The face shows ``contrast * glyph`` (tapered at the border) in frames where ``legible`` is True
+    and is blank otherwise; ``shading`` ``[T, F, F]`` is added in every frame, so legible and blank
+    faces have the same low-resolution appearance. The glyph changes R, G and B equally (luma only),
+    so it survives yuv420p's half-resolution chroma; the ring is a chroma cue at least 2 px wide for
+    the same reason. Returns uint8 ``[T, D, D, 3]`` with ``D = F + 2 * ring_px``.
     """
-    face_px = glyph.shape[0] if glyph is not None else None
-    if face_px is None:
-        raise ValueError("pass the glyph even for a blank face (its size defines the face)")
+    frames, face_px = shading.shape[0], glyph.shape[0]
     d = face_px + 2 * ring_px
-    sprite = np.empty((d, d, 3), np.float32)
-    sprite[:] = np.asarray(ring_rgb, np.float32)
-    face = np.full((face_px, face_px), face_grey, np.float32)
-    face += contrast * glyph * _edge_taper(face_px, taper_px)
-    sprite[ring_px:ring_px + face_px, ring_px:ring_px + face_px, :] = face[:, :, None]
-    return _to_uint8(sprite)
-
-
-def _blank_sprite(legible: np.ndarray, ring_px: int, face_grey: float) -> np.ndarray:
-    """The same object with a flat face at the glyph's mean grey (an illegible frame)."""
-    blank = legible.copy()
-    face = blank.shape[0] - 2 * ring_px
-    blank[ring_px:ring_px + face, ring_px:ring_px + face, :] = _to_uint8(np.float32(face_grey))
-    return blank
+    detail = contrast * glyph * edge_taper(face_px, taper_px)
+    face = face_grey + shading + legible[:, None, None].astype(np.float32) * detail[None]
+    sprites = np.empty((frames, d, d, 3), np.float32)
+    sprites[:] = np.asarray(ring_rgb, np.float32)
+    sprites[:, ring_px:ring_px + face_px, ring_px:ring_px + face_px, :] = face[..., None]
+    return _to_uint8(sprites)
 
 
 def _to_uint8(x: np.ndarray | np.floating) -> np.ndarray:
@@ -472,21 +524,25 @@ def sample_legible_fraction(rng: np.random.Generator) -> float:
 class ObjectTrack:
     """One ringed object over the whole video."""
 
-    sprite: np.ndarray
-    """uint8 ``[D, D, 3]`` with the glyph legible."""
-    blank: np.ndarray
-    """The same object with a blank face."""
+    sprites: np.ndarray
+    """uint8 ``[T, D, D, 3]``: the object as drawn in each frame (glyph or blank face, shading)."""
     top_left: np.ndarray
     """int ``[T, 2]`` (x, y) of the sprite's top-left pixel per frame."""
     legible: np.ndarray
     """bool ``[T]``: frames that show the glyph."""
     glyph: str
+    phase: tuple[int, int]
+    """The glyph texture's (x, y) shift in pixels (see :func:`glyph_pattern`)."""
     ring: str
     ring_px: int
 
     @property
     def size(self) -> int:
-        return int(self.sprite.shape[0])
+        return int(self.sprites.shape[1])
+
+    @property
+    def face_px(self) -> int:
+        return self.size - 2 * self.ring_px
 
 
 @dataclass
@@ -530,30 +586,31 @@ def _make_object(
     glyph_spec: GlyphSpec,
     ring_name: str,
     ring_rgb: Sequence[float],
-    centres: Callable[[float, float, int], np.ndarray],
+    centres: Callable[[float, float], np.ndarray],
     legible: np.ndarray,
 ) -> ObjectTrack:
-    """Draw an object's look (size, grey, contrast, ring tint) and place it along ``centres``.
+    """Draw an object's look (size, texture phase, grey, contrast, shading, ring tint) and place it.
 
-    ``centres(lo, hi, size_px)`` returns the ``[T, 2]`` centre trajectory for an object of the drawn
-    size; lo/hi keep the whole object inside the central 80 % of the frame, which an evaluation
-    centre crop of 0.875 * size always keeps.
+    ``centres(lo, hi)`` returns the ``[T, 2]`` centre trajectory; ``[lo, hi]`` keeps the whole
+    object inside the central 80 % of the frame, which an evaluation centre crop of 0.875 * size
+    always keeps.
     """
     ring_px, (n_lo, n_hi) = _geometry(params.size, params.cell_px)
-    n_cells = int(rng.integers(n_lo, n_hi + 1))
-    glyph = glyph_pattern(glyph_spec, n_cells, params.cell_px)
-    face_grey = float(rng.uniform(0.42, 0.58))
-    contrast = float(rng.uniform(0.28, 0.38))
+    face_px = int(rng.integers(n_lo, n_hi + 1)) * params.cell_px
+    period = glyph_period_px(glyph_spec, params.cell_px)
+    phase = (int(rng.integers(period[0])), int(rng.integers(period[1])))
+    glyph = glyph_pattern(glyph_spec, face_px, params.cell_px, phase)
+    face_grey = float(rng.uniform(0.45, 0.55))
+    contrast = float(rng.uniform(0.22, 0.28))
     tint = np.clip(np.asarray(ring_rgb) + rng.uniform(-0.04, 0.04, size=3), 0.0, 1.0)
-    sprite = render_object_sprite(glyph, tint, ring_px, face_grey, contrast,
-                                  taper_px=1.5 * params.cell_px)
-    d = sprite.shape[0]
+    shading = face_shading(rng, params.frames, face_px)
+    sprites = render_object_sprites(glyph, legible, shading, tint, ring_px, face_grey, contrast,
+                                    taper_px=TAPER_CELLS * params.cell_px)
+    d = sprites.shape[1]
     lo, hi = 0.1 * params.size + d / 2, 0.9 * params.size - d / 2
-    xy = centres(lo, hi, d)
-    top_left = np.rint(xy - d / 2).astype(np.int64)
-    return ObjectTrack(sprite=sprite, blank=_blank_sprite(sprite, ring_px, face_grey),
-                       top_left=top_left, legible=legible, glyph=glyph_spec.name,
-                       ring=ring_name, ring_px=ring_px)
+    top_left = np.rint(centres(lo, hi) - d / 2).astype(np.int64)
+    return ObjectTrack(sprites=sprites, top_left=top_left, legible=legible, glyph=glyph_spec.name,
+                       phase=phase, ring=ring_name, ring_px=ring_px)
 
 
 def _make_shapes(rng: np.random.Generator, size: int, frames: int) -> list[Shape]:
@@ -596,7 +653,7 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
         fraction = sample_legible_fraction(rng_look)
         legible = legibility_mask(rng_look, n_t, fraction)
         target = _make_object(rng_look, params, APPEARANCE_CLASSES[label], "red", TARGET_RING,
-                              lambda lo, hi, d: drift_trajectory(rng_path, n_t, lo, hi, speed),
+                              lambda lo, hi: drift_trajectory(rng_path, n_t, lo, hi, speed),
                               legible)
         legible_fraction = float(legible.mean())
     else:
@@ -605,7 +662,7 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
         glyph = APPEARANCE_CLASSES[int(rng_look.integers(len(APPEARANCE_CLASSES)))]
         legible = legibility_mask(rng_look, n_t, sample_legible_fraction(rng_look))
         target = _make_object(rng_look, params, glyph, "red", TARGET_RING,
-                              lambda lo, hi, d: motion_trajectory(label, rng_path, n_t, lo, hi),
+                              lambda lo, hi: motion_trajectory(label, rng_path, n_t, lo, hi),
                               legible)
         legible_fraction = 1.0  # the class (the motion) is visible in every frame
 
@@ -618,12 +675,12 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
             # A glyph of another class: reading the wrong object gives a confident wrong answer.
             others = [c for c in range(len(names)) if c != label]
             spec = APPEARANCE_CLASSES[others[int(rng_distract.integers(len(others)))]]
-            path = lambda lo, hi, d: drift_trajectory(rng_distract, n_t, lo, hi, speed)  # noqa: E731
+            path = lambda lo, hi: drift_trajectory(rng_distract, n_t, lo, hi, speed)  # noqa: E731
         else:
             # Distractors move like random classes, so "something moves left" says nothing.
             spec = APPEARANCE_CLASSES[int(rng_distract.integers(len(APPEARANCE_CLASSES)))]
             other_label = int(rng_distract.integers(len(names)))
-            path = lambda lo, hi, d, c=other_label: motion_trajectory(c, rng_distract, n_t, lo, hi)  # noqa: E731
+            path = lambda lo, hi, c=other_label: motion_trajectory(c, rng_distract, n_t, lo, hi)  # noqa: E731
         distractors.append(_make_object(rng_distract, params, spec, ring, DISTRACTOR_RINGS[ring],
                                         path, mask))
 
@@ -668,7 +725,7 @@ def render_frame(scene: Scene, t: int) -> np.ndarray:
         _paste(frame, colour_patch, x, y, shape.mask)
     for obj in (*scene.distractors, scene.target):
         x, y = obj.top_left[t]
-        _paste(frame, obj.sprite if obj.legible[t] else obj.blank, int(x), int(y))
+        _paste(frame, obj.sprites[t], int(x), int(y))
     return frame
 
 
@@ -752,6 +809,7 @@ def _track_annotation(obj: ObjectTrack) -> dict[str, Any]:
         "ring": obj.ring,
         "size": obj.size,
         "ring_px": obj.ring_px,
+        "phase": list(obj.phase),
         "top_left": obj.top_left.tolist(),
         "legible": obj.legible.astype(int).tolist(),
     }
@@ -870,15 +928,22 @@ def generate_benchmark(
     records: list[VideoRecord] = []
     step = max(1, len(tasks) // 10)
     if workers == 1:
-        results: Iterable[VideoRecord] = map(_make_video_task, tasks)
-        records = _collect(results, len(tasks), step, start, log)
+        records = _collect(map(_make_video_task, tasks), len(tasks), step, start, log)
     else:
         # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child would inherit
         # in a broken state. Workers only import numpy and av, so start-up costs well under a second.
-        with mp.get_context("spawn").Pool(workers) as pool:
-            chunk = max(1, min(16, len(tasks) // (workers * 8)))
-            records = _collect(pool.imap_unordered(_make_video_task, tasks, chunksize=chunk),
-                               len(tasks), step, start, log)
+        # An executor (not mp.Pool) so that a worker dying at start-up -- e.g. a caller script
+        # without an ``if __name__ == "__main__":`` guard -- raises BrokenProcessPool, never hangs.
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                records = _collect(pool.map(_make_video_task, tasks, chunksize=chunk),
+                                   len(tasks), step, start, log)
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "a benchmark worker process died; if you called generate_benchmark from a script, "
+                "put the call under `if __name__ == \"__main__\":` (worker processes are spawned "
+                "and re-import the main module), or pass workers=1") from exc
     elapsed = time.perf_counter() - start
 
     records.sort(key=lambda r: r.index)

@@ -1,0 +1,256 @@
+"""The Ray Train worker loop: one process per worker, DDP across workers, DALI on the worker's device.
+
+Each epoch: train on this worker's shard of the streaming Ray Dataset, validate on its shard of the
+held-out split (accuracy and GFLOPs per video, summed over workers), write a checkpoint atomically
+and report. A restarted worker group (``FailureConfig``) or a resumed run (``--resume``) starts from
+the last reported checkpoint: model, optimiser, schedule and epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from adaptive import build_model
+from pipelines.config import TrainConfig, from_dict
+from pipelines.data.dali import AugmentConfig, ClipAugmenter
+from pipelines.data.dataset import iter_model_batches
+
+STATE_FILE = "state.pt"
+
+
+class Objective(nn.Module):
+    """``forward`` = the method's training loss, so DDP sees (and synchronises) the whole objective."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, clip: torch.Tensor, labels: torch.Tensor):
+        return self.model.loss(clip, labels)
+
+
+def build_method(config: TrainConfig, num_classes: int, method: str | None = None) -> nn.Module:
+    """The configured model (or the full-frame reference with the same encoders)."""
+    method = method or config.model.method
+    if method == "full_frame" and config.model.method != "full_frame":
+        from adaptive.full_frame import FullFrameConfig
+
+        reference = build_model(config.model.method, config.model.preset, num_classes=num_classes,
+                                **config.model.overrides)
+        return build_model("full_frame", FullFrameConfig.matching(reference.config))
+    return build_model(method, config.model.preset, num_classes=num_classes, **config.model.overrides)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum over the model's per-component learning rates (AdaFocusV2 appendix B.2)."""
+    weight_decay = getattr(getattr(model, "config", None), "weight_decay", 1e-4)
+    groups = []
+    for group in model.param_groups():
+        group = dict(group)
+        group["lr"] = group.get("lr", 0.01) * config.optim.lr_scale
+        groups.append(group)
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.optim.momentum, weight_decay=weight_decay)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    total = max(1, config.optim.epochs * steps_per_epoch)
+    warmup = int(config.optim.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_state_atomically(path: str, state: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(directory: str) -> dict[str, Any]:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+class Progress:
+    """A text progress bar and throughput line, printed by rank 0 every few seconds."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0) -> None:
+        self.label, self.total, self.every = label, max(total, 1), every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, wait: float, loss: float, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        filled = min(20, int(20 * done / self.total))
+        bar = "#" * filled + "." * (20 - filled)
+        print(f"[{self.label}] [{bar}] {done}/{self.total} videos  {done / elapsed:.1f} videos/s  "
+              f"data wait {100 * wait / elapsed:.0f}%  loss {loss:.3f}", flush=True)
+        sys.stdout.flush()
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "on" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = from_dict(loop_config["config"])
+    job = loop_config["job"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
+    torch.manual_seed(config.run.seed)
+
+    model = build_method(config, job["num_classes"], job["method"])
+    optimizer = make_optimizer(model, config)
+    batch_size = config.optim.batch_size
+    train_videos = int(job["train_videos"])
+    steps_per_epoch = max(1, math.ceil(train_videos / world / batch_size))
+    scheduler = cosine_schedule(optimizer, config, steps_per_epoch)
+    epochs = int(job.get("epochs", config.optim.epochs))
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_state(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            print(f"[{job['label']}] resuming from the checkpoint of epoch {start_epoch}", flush=True)
+
+    objective = ray.train.torch.prepare_model(
+        Objective(model), parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = model.to(device)
+    on_gpu = device.type == "cuda"
+    augment_config = AugmentConfig(crop_size=config.data.crop_size, resize_size=config.data.size,
+                                   flip=config.data.flip)
+    augment_train = ClipAugmenter(augment_config, training=True, max_batch_size=batch_size,
+                                  device_id=device.index if on_gpu else None, seed=config.run.seed + 7919 * rank)
+    augment_eval = ClipAugmenter(augment_config, training=False, max_batch_size=batch_size,
+                                 device_id=device.index if on_gpu else None)
+    mlflow_client = None
+    if rank == 0 and job.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        mlflow_client = MlflowClient(job["tracking_uri"])
+
+    for epoch in range(start_epoch, epochs):
+        # ---- train on this worker's shard
+        objective.train()
+        progress = Progress(f"{job['label']} epoch {epoch + 1}/{epochs}", math.ceil(train_videos / world))
+        seen = 0
+        loss_sum = 0.0
+        wait = 0.0
+        started = time.perf_counter()
+        batches = iter_model_batches(ray.train.get_dataset_shard("train"), augment_train, batch_size)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            with _autocast(device, config.optim.amp):
+                loss, _logs = objective(batch["video"], batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = len(batch["label"])
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            if rank == 0:
+                progress.update(seen, wait, loss_sum / seen)
+        train_time = time.perf_counter() - started
+        if rank == 0:
+            progress.update(seen, wait, loss_sum / max(seen, 1), force=True)
+
+        # ---- validate on this worker's shard of the held-out split
+        objective.eval()
+        correct = 0.0
+        count = 0.0
+        macs = 0.0
+        with torch.no_grad(), _autocast(device, config.optim.amp):
+            for batch in iter_model_batches(ray.train.get_dataset_shard("val"), augment_eval, batch_size):
+                out = model(batch["video"])
+                correct += float((out.logits[:, -1].argmax(-1) == batch["label"]).sum())
+                count += len(batch["label"])
+                macs += float(out.flops.sum())
+        totals = _all_reduce([seen, loss_sum, wait, train_time, correct, count, macs], device)
+        seen_all, loss_all, wait_all, time_all, correct_all, count_all, macs_all = totals
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_all / max(seen_all, 1),
+            "train_videos": seen_all,
+            "videos_per_s": seen_all / max(time_all / world, 1e-9),
+            "data_wait_fraction": wait_all / max(time_all, 1e-9),
+            "val_accuracy": correct_all / max(count_all, 1),
+            "val_gflops_per_video": macs_all / max(count_all, 1) / 1e9,
+            "val_videos": count_all,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if rank == 0:
+            print(f"[{job['label']}] epoch {epoch + 1}/{epochs}: loss {metrics['train_loss']:.3f}  "
+                  f"val acc {metrics['val_accuracy']:.3f}  {metrics['val_gflops_per_video']:.3f} GFLOPs/video  "
+                  f"{metrics['videos_per_s']:.1f} videos/s  data wait {100 * metrics['data_wait_fraction']:.0f}%",
+                  flush=True)
+            if mlflow_client is not None:
+                prefix = job.get("metric_prefix", "")
+                for key, value in metrics.items():
+                    if key != "epoch":
+                        mlflow_client.log_metric(job["mlflow_run_id"], prefix + key, float(value), step=epoch)
+            with tempfile.TemporaryDirectory() as directory:
+                save_state_atomically(os.path.join(directory, STATE_FILE), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch,
+                })
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if job.get("crash_after_epoch") == epoch and rank == world - 1 and not os.path.exists(job["crash_marker"]):
+            # Fault injection for the recovery test: the process dies like an OOM-killed worker would.
+            open(job["crash_marker"], "w").close()
+            os._exit(1)
