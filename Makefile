@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the embedded defaults: synthetic benchmark (generated once), local Ray, local MLflow.
 demo: setup
-	$(PY) pipelines/make_benchmark.py --out data/synthetic
-	$(PY) pipelines/check_data.py data/synthetic/manifest.csv
+	$(PY) pipelines/train.py
 
 test: setup
 	$(PY) -m pytest tests
@@ -31,6 +31,8 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/adafocus_v2.py
 
 clean:
-	rm -rf $(VENV) data/synthetic .pytest_cache
+	rm -rf $(VENV) data/synthetic data/ci-synthetic runs mlflow.db .pytest_cache

@@ -34,7 +34,7 @@ class FullFrameConfig:
 
     num_classes: int = 8
     input_size: int = 112
-    glance_size: int = 56
+    glance_size: int = 48
     glance: BackboneConfig = field(default_factory=BackboneConfig.tiny_mobilenet)
     local: BackboneConfig = field(default_factory=BackboneConfig.tiny_resnet)
     use_glance: bool = True
@@ -47,7 +47,7 @@ class FullFrameConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "FullFrameConfig":
-        base = dict(lr_glance=0.02, lr_local=0.02, lr_classifier=0.02)
+        base = dict(lr_glance=2e-3, lr_local=2e-3, lr_classifier=2e-3)
         base.update(overrides)
         return cls(**base)
 

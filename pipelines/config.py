@@ -109,7 +109,7 @@ class RunConfig:
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra custom resources per train worker (placement across nodes)."""
     crash_after_epoch: int | None = None
-    """Fault injection for recovery tests: the last worker dies (once) after this epoch's checkpoint."""
+    """Fault injection for recovery tests: the last worker dies (once) during the following epoch."""
 
 
 @dataclass

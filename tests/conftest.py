@@ -50,3 +50,23 @@ def synthetic_set(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic")
     return Path(generate_benchmark(out, videos=48, frames=16, size=64, seed=3, task="appearance", workers=2))
+
+
+@pytest.fixture(scope="session")
+def training_set(tmp_path_factory) -> Path:
+    """A synthetic set at the tiny models' resolution (128 px decode, 112 px crops) for training runs."""
+    from pipelines.data.synthetic import generate_benchmark
+
+    out = tmp_path_factory.mktemp("training-set")
+    return Path(generate_benchmark(out, videos=48, frames=16, size=128, seed=5, task="appearance", workers=2))
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """``python pipelines/train.py ARGS`` in ``cwd`` (its own local Ray and MLflow store)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

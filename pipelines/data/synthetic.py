@@ -68,7 +68,7 @@ __all__ = [
     "drift_trajectory",
     "edge_taper",
     "encode_video",
-    "face_shading",
+    "object_shading",
     "generate_benchmark",
     "glyph_pattern",
     "glyph_period_px",
@@ -155,12 +155,12 @@ DISTRACTOR_RINGS: dict[str, tuple[float, float, float]] = {
 }
 
 
-# Face shading (see face_shading): control grid size, std and clip of the control values.
-SHADING_KNOTS = 4
-SHADING_STD = 0.12
-SHADING_CLIP = 0.2
+# Object shading (see object_shading): control grid size, std and clip of the control values.
+SHADING_KNOTS = 6
+SHADING_STD = 0.15
+SHADING_CLIP = 0.28
 # Glyph contrast ramps up over this many cells from the face border (see edge_taper).
-TAPER_CELLS = 1.5
+TAPER_CELLS = 2.0
 
 
 def class_names(task: str, classes: int) -> list[str]:
@@ -302,34 +302,36 @@ def edge_taper(face_px: int, taper_px: float) -> np.ndarray:
     return np.minimum(w1[:, None], w1[None, :]).astype(np.float32)
 
 
-def shading_basis(face_px: int, knots: int = SHADING_KNOTS) -> np.ndarray:
-    """``[face_px, knots]`` linear-interpolation weights from ``knots`` control points to pixels.
+def shading_basis(size_px: int, knots: int = SHADING_KNOTS) -> np.ndarray:
+    """``[size_px, knots]`` linear-interpolation weights from ``knots`` control points to pixels.
 
-    The face shading of frame t is ``U @ G_t @ U.T`` for a random ``[knots, knots]`` grid ``G_t``:
-    smooth "dappled light" with about ``face_px / (knots - 1)`` px correlation length.
+    An object's shading in frame t is ``U @ G_t @ U.T`` for a random ``[knots, knots]`` grid
+    ``G_t``: smooth "dappled light" with about ``size_px / (knots - 1)`` px correlation length.
     """
-    pos = (np.arange(face_px) + 0.5) / face_px * (knots - 1)
+    pos = (np.arange(size_px) + 0.5) / size_px * (knots - 1)
     i0 = np.clip(np.floor(pos).astype(int), 0, knots - 2)
     frac = pos - i0
-    u = np.zeros((face_px, knots), np.float32)
-    u[np.arange(face_px), i0] = 1.0 - frac
-    u[np.arange(face_px), i0 + 1] = frac
+    u = np.zeros((size_px, knots), np.float32)
+    u[np.arange(size_px), i0] = 1.0 - frac
+    u[np.arange(size_px), i0 + 1] = frac
     return u
 
 
-def face_shading(rng: np.random.Generator, frames: int, face_px: int) -> np.ndarray:
-    """Random smooth luma shading of a face, ``[frames, face_px, face_px]`` float32.
+def object_shading(rng: np.random.Generator, frames: int, size_px: int) -> np.ndarray:
+    """Random smooth luma shading over a whole object, ``[frames, size_px, size_px]`` float32.
 
-    Why: a 4x-downsampled face is only ~4x4 pixels, and the sole class signal left there is the
-    faint border leak of the glyph (above). Shading with that many degrees of freedom and several
-    times the leak's amplitude, changing smoothly over time, buries it, while at full resolution it
-    is a slow gradient under a crisp 2-px texture and does not hinder reading.
+    Why: a 4x-downsampled object is ~5x5 pixels, and the only class signal left there is the faint
+    leak of the glyph's tapered border into the few pixels that straddle it (see edge_taper).
+    Shading with about as many degrees of freedom as those pixels and several times the leak's
+    amplitude, drifting smoothly over time, buries it; at full resolution it is a slow gradient
+    under a crisp 2-px texture and does not hinder reading. It covers the ring too, so the pixels
+    that mix ring and face cannot be explained away by a known ring colour.
     """
     width = 3  # temporal smoothing: light drifts rather than flickers
     z = rng.normal(size=(frames + width - 1, SHADING_KNOTS, SHADING_KNOTS))
     z = np.stack([z[t:t + width].mean(0) for t in range(frames)]) * math.sqrt(width)
     grid = np.clip(SHADING_STD * z, -SHADING_CLIP, SHADING_CLIP)
-    u = shading_basis(face_px)
+    u = shading_basis(size_px)
     return np.einsum("fk,tkl,gl->tfg", u, grid, u).astype(np.float32)
 
 
@@ -343,21 +345,26 @@ def render_object_sprites(
     contrast: float,
     taper_px: float,
 ) -> np.ndarray:
-    """An opaque object per frame: a coloured square ring around a shaded grey face.
+    """An opaque object per frame: a coloured square ring around a grey face, both shaded.
 
     The face shows ``contrast * glyph`` (tapered at the border) in frames where ``legible`` is True
-    and is blank otherwise; ``shading`` ``[T, F, F]`` is added in every frame, so legible and blank
-    faces have the same low-resolution appearance. The glyph changes R, G and B equally (luma only),
-    so it survives yuv420p's half-resolution chroma; the ring is a chroma cue at least 2 px wide for
-    the same reason. Returns uint8 ``[T, D, D, 3]`` with ``D = F + 2 * ring_px``.
+    and is blank otherwise; ``shading`` ``[T, D, D]`` is added everywhere in every frame, so legible
+    and blank faces look alike at low resolution. The glyph and the shading change R, G and B
+    equally (luma only), so the glyph survives yuv420p's half-resolution chroma and the ring keeps
+    its hue; the ring is a chroma cue at least 2 px wide for the same reason. Returns uint8
+    ``[T, D, D, 3]`` with ``D = face + 2 * ring_px``.
     """
-    frames, face_px = shading.shape[0], glyph.shape[0]
+    face_px = glyph.shape[0]
     d = face_px + 2 * ring_px
+    if shading.shape[1:] != (d, d):
+        raise ValueError(f"shading must be [T, {d}, {d}], got {shading.shape}")
+    inner = slice(ring_px, ring_px + face_px)
+    base = np.empty((d, d, 3), np.float32)
+    base[:] = np.asarray(ring_rgb, np.float32)
+    base[inner, inner, :] = face_grey
     detail = contrast * glyph * edge_taper(face_px, taper_px)
-    face = face_grey + shading + legible[:, None, None].astype(np.float32) * detail[None]
-    sprites = np.empty((frames, d, d, 3), np.float32)
-    sprites[:] = np.asarray(ring_rgb, np.float32)
-    sprites[:, ring_px:ring_px + face_px, ring_px:ring_px + face_px, :] = face[..., None]
+    sprites = base[None] + shading[..., None]
+    sprites[:, inner, inner, :] += (legible[:, None, None].astype(np.float32) * detail[None])[..., None]
     return _to_uint8(sprites)
 
 
@@ -573,9 +580,12 @@ class Scene:
 
 
 def _geometry(size: int, cell_px: int) -> tuple[int, tuple[int, int]]:
-    """Ring width and the range of face sizes (in cells) so objects are ~0.125-0.19 * size wide."""
+    """Ring width and the range of face sizes (in cells) so objects are ~0.15-0.19 * size wide.
+
+    At size 128: a 3-px ring around a 14-18 px face (7-9 cells of 2 px), i.e. 20-24 px objects.
+    """
     ring_px = max(2, round(size / 48))
-    lo = max(3, math.ceil((0.125 * size - 2 * ring_px) / cell_px))
+    lo = max(3, math.ceil((0.15 * size - 2 * ring_px) / cell_px))
     hi = max(lo, math.floor((0.19 * size - 2 * ring_px) / cell_px))
     return ring_px, (lo, hi)
 
@@ -600,10 +610,11 @@ def _make_object(
     period = glyph_period_px(glyph_spec, params.cell_px)
     phase = (int(rng.integers(period[0])), int(rng.integers(period[1])))
     glyph = glyph_pattern(glyph_spec, face_px, params.cell_px, phase)
-    face_grey = float(rng.uniform(0.45, 0.55))
-    contrast = float(rng.uniform(0.22, 0.28))
+    # Grey, contrast and shading share the [0, 1] range: 0.53 + 0.28 + 0.22 barely clips.
+    face_grey = float(rng.uniform(0.47, 0.53))
+    contrast = float(rng.uniform(0.18, 0.22))
     tint = np.clip(np.asarray(ring_rgb) + rng.uniform(-0.04, 0.04, size=3), 0.0, 1.0)
-    shading = face_shading(rng, params.frames, face_px)
+    shading = object_shading(rng, params.frames, face_px + 2 * ring_px)
     sprites = render_object_sprites(glyph, legible, shading, tint, ring_px, face_grey, contrast,
                                     taper_px=TAPER_CELLS * params.cell_px)
     d = sprites.shape[1]

@@ -122,6 +122,32 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _maybe_crash(job: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+    """Fault injection for the recovery tests (``run.crash_after_epoch``): once, in the epoch after
+    the given one, the last worker dies mid-epoch like an OOM-killed process would. It waits past
+    two controller polls first so that the previous epoch's checkpoint is registered, as it would be
+    for any worker that fails a while after its last report."""
+    crash = job.get("crash_after_epoch")
+    if crash is None or epoch != crash + 1 or rank != world - 1 or os.path.exists(job["crash_marker"]):
+        return
+    time.sleep(5.0)
+    open(job["crash_marker"], "w").close()
+    os._exit(1)
+
+
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every worker, in rank order."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        nodes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, node)
+        return [str(n) for n in nodes]
+    return [node]
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "on" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -148,6 +174,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = cosine_schedule(optimizer, config, steps_per_epoch)
     epochs = int(job.get("epochs", config.optim.epochs))
 
+    objective = ray.train.torch.prepare_model(
+        Objective(model), parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = model.to(device)
+    on_gpu = device.type == "cuda"
+    augment_config = AugmentConfig(crop_size=config.data.crop_size, resize_size=config.data.size,
+                                   flip=config.data.flip)
+    augment_train = ClipAugmenter(augment_config, training=True, max_batch_size=batch_size,
+                                  device_id=device.index if on_gpu else None, seed=config.run.seed + 7919 * rank)
+    augment_eval = ClipAugmenter(augment_config, training=False, max_batch_size=batch_size,
+                                 device_id=device.index if on_gpu else None)
+    nodes = _gather_node_ids()
+    mlflow_client = None
+    if rank == 0 and job.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        mlflow_client = MlflowClient(job["tracking_uri"])
+        # Where the workers ran: checked by the multi-node test, useful when debugging placement.
+        mlflow_client.set_tag(job["mlflow_run_id"], f"adastream.{job['label']}.worker_nodes", ",".join(nodes))
+
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -159,22 +204,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         if rank == 0:
             print(f"[{job['label']}] resuming from the checkpoint of epoch {start_epoch}", flush=True)
-
-    objective = ray.train.torch.prepare_model(
-        Objective(model), parallel_strategy_kwargs={"find_unused_parameters": True})
-    model = model.to(device)
-    on_gpu = device.type == "cuda"
-    augment_config = AugmentConfig(crop_size=config.data.crop_size, resize_size=config.data.size,
-                                   flip=config.data.flip)
-    augment_train = ClipAugmenter(augment_config, training=True, max_batch_size=batch_size,
-                                  device_id=device.index if on_gpu else None, seed=config.run.seed + 7919 * rank)
-    augment_eval = ClipAugmenter(augment_config, training=False, max_batch_size=batch_size,
-                                 device_id=device.index if on_gpu else None)
-    mlflow_client = None
-    if rank == 0 and job.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        mlflow_client = MlflowClient(job["tracking_uri"])
+            if mlflow_client is not None:
+                mlflow_client.log_metric(job["mlflow_run_id"], job.get("metric_prefix", "") + "resumed_at_epoch",
+                                         start_epoch, step=start_epoch)
 
     for epoch in range(start_epoch, epochs):
         # ---- train on this worker's shard
@@ -204,9 +236,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * n
             if rank == 0:
                 progress.update(seen, wait, loss_sum / seen)
+            _maybe_crash(job, epoch, rank, world)
         train_time = time.perf_counter() - started
-        if rank == 0:
-            progress.update(seen, wait, loss_sum / max(seen, 1), force=True)
 
         # ---- validate on this worker's shard of the held-out split
         objective.eval()
@@ -250,7 +281,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-        if job.get("crash_after_epoch") == epoch and rank == world - 1 and not os.path.exists(job["crash_marker"]):
-            # Fault injection for the recovery test: the process dies like an OOM-killed worker would.
-            open(job["crash_marker"], "w").close()
-            os._exit(1)

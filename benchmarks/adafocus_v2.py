@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""AdaFocusV2 / AdaFocusV2+ on the synthetic benchmark (issue 3, "Must show").
+
+Trains the tiny configuration of :mod:`adaptive` on the real generated videos
+(``--task appearance``) and prints, in the paper's forms:
+
+1. Table 7 -- accuracy after t = 1, 2, 4, all frames for the learned policy vs
+   random, centre and Gaussian patches (as in the paper, fC does not reuse the
+   glance feature here, so the patch alone carries the class);
+2. Table 6 -- the ablation of the training techniques (auxiliary supervision,
+   diversity augmentation, stop-gradient, coarse-to-fine frame order);
+3. the AdaFocusV2+ curve -- accuracy vs GFLOPs/video across budgets (thresholds
+   solved on the validation split, Eq. 12, evaluated on the test split) next to
+   the full-frame model, with 64x64 patches on 112x112 frames (0.57 of the side,
+   the paper's 128 on 224) and the cost of the 96- and 160-on-224 equivalents.
+
+The last line is ``flops_ratio_at_full_acc=... cpu_time_ratio=...``:
+GFLOPs/video of AdaFocusV2+ at the cheapest budget whose test accuracy reaches
+the full-frame model's, divided by the full-frame model's GFLOPs/video; and the
+same ratio of measured CPU time per test video (AdaFocusV2+ streamed frame by
+frame with exits, batches of ``--time-batch`` streams; the full-frame model on
+whole clips).  Everything is measured; nothing is hard-coded.
+
+Data: ``--data DIR`` (default ``data/synthetic``) is generated with
+``pipelines.data.synthetic.generate_benchmark`` if it holds no benchmark yet,
+and decoded with ``pipelines.data.inmemory.load_clips`` (a minimal PyAV loader
+is used if that module is missing).
+
+    python benchmarks/adafocus_v2.py            # ~20 min on 2 cores
+    python benchmarks/adafocus_v2.py --quick    # a few minutes, smaller everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from adaptive import (  # noqa: E402
+    AdaFocusV2,
+    AdaFocusV2Config,
+    FullFrameConfig,
+    FullFrameModel,
+    coarse_to_fine_order,
+    normalize_uint8_clip,
+    select_state,
+)
+from adaptive.early_exit import (  # noqa: E402
+    ExitPolicy,
+    evaluate_fixed_steps,
+    evaluate_random_exits,
+    exit_steps,
+    trace_curve,
+)
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def ensure_dataset(data_dir: Path, videos: int, seed: int) -> Path:
+    manifest = data_dir / "manifest.csv"
+    if (data_dir / "benchmark.json").exists() and manifest.exists():
+        return manifest
+    from pipelines.data.synthetic import generate_benchmark
+
+    t0 = time.time()
+    log(f"[data] generating {videos} appearance videos into {data_dir} ...")
+    path = generate_benchmark(data_dir, videos=videos, frames=32, size=128, seed=seed, task="appearance",
+                              classes=8, workers=os.cpu_count())
+    log(f"[data] generated in {time.time() - t0:.0f} s")
+    return Path(path)
+
+
+def _pyav_load_clips(manifest: Path, split: str, num_frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fallback decoder: segment-centre frames, resized to ``size`` (only if pipelines' loader is missing)."""
+    import csv
+
+    import av
+    import torch.nn.functional as F
+
+    clips, labels = [], []
+    with open(manifest) as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    for r in rows:
+        with av.open(str(manifest.parent / r["path"])) as c:
+            frames = [fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]
+        n = len(frames)
+        idx = [min(n - 1, int(n / num_frames * (i + 0.5))) for i in range(num_frames)]
+        x = torch.from_numpy(np.stack([frames[i] for i in idx])).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        clips.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+        labels.append(int(r["label"]))
+    return torch.stack(clips), torch.tensor(labels)
+
+
+def load_split(manifest: Path, split: str, num_frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from pipelines.data.inmemory import load_clips
+    except ImportError:
+        log("[data] pipelines.data.inmemory not found: using the benchmark's own PyAV loader")
+        return _pyav_load_clips(manifest, split, num_frames, size)
+    return load_clips(manifest, split, num_frames, size, training=False, workers=os.cpu_count())
+
+
+class ClipBank:
+    """Decoded clips of one split (uint8 ``[N, 2T, H, W, 3]``) and how models see them.
+
+    Each video is decoded once with ``2T`` segment frames.  Training clips take
+    one frame at random from each consecutive pair (temporal jitter, TSN-style);
+    evaluation clips take the first of each pair.  The T frames are then put in
+    the model's order: ``coarse_to_fine`` (FrameExit's) or ``sequential``.
+    """
+
+    def __init__(self, clips: torch.Tensor, labels: torch.Tensor, num_frames: int) -> None:
+        assert clips.shape[1] == 2 * num_frames
+        self.clips, self.labels, self.T = clips, labels, num_frames
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def frame_indices(self, n: int, training: bool, order: str, gen: torch.Generator | None) -> torch.Tensor:
+        base = 2 * torch.arange(self.T)
+        idx = base.expand(n, self.T)
+        if training:
+            idx = idx + torch.randint(0, 2, (n, self.T), generator=gen)
+        if order == "coarse_to_fine":
+            idx = idx[:, coarse_to_fine_order(self.T)]
+        elif order != "sequential":
+            raise ValueError(order)
+        return idx
+
+    def batch(self, items: torch.Tensor, training: bool, order: str, gen: torch.Generator | None = None):
+        idx = self.frame_indices(len(items), training, order, gen)
+        raw = self.clips[items[:, None], idx]  # [B, T, H, W, 3]
+        return normalize_uint8_clip(raw), self.labels[items]
+
+
+# --------------------------------------------------------------------------------------------------
+# training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def train(model, bank: ClipBank, *, epochs: float, batch_size: int, order: str, seed: int, tag: str) -> dict:
+    """AdamW on the model's per-component parameter groups, linear warm-up + cosine decay."""
+    gen = torch.Generator().manual_seed(seed)
+    wd = model.config.weight_decay
+    opt = torch.optim.AdamW(model.param_groups(), weight_decay=wd)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    steps_per_epoch = max(1, len(bank) // batch_size)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    warmup = max(1, total // 20)
+    model.train()
+    t0 = time.time()
+    step, running = 0, {}
+    while step < total:
+        perm = torch.randperm(len(bank), generator=gen)
+        for k in range(steps_per_epoch):
+            if step >= total:
+                break
+            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            clips, labels = bank.batch(perm[k * batch_size:(k + 1) * batch_size], True, order, gen)
+            loss, logs = model.loss(clips, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for key, v in logs.items():
+                running[key] = 0.9 * running.get(key, v) + 0.1 * v
+            step += 1
+            if step % max(1, total // 4) == 0 or step == total:
+                shown = " ".join(f"{k}={running[k]:.3f}" for k in ("loss", "acc", "centre_std") if k in running)
+                log(f"  [{tag}] step {step}/{total} {shown} ({time.time() - t0:.0f} s)")
+    model.eval()
+    return {"train_seconds": time.time() - t0, "steps": total}
+
+
+@torch.no_grad()
+def predict(model, bank: ClipBank, order: str, batch_size: int = 64) -> torch.Tensor:
+    """Per-step logits ``[N, T, K]`` on the evaluation clips."""
+    model.eval()
+    out = []
+    for s in range(0, len(bank), batch_size):
+        clips, _ = bank.batch(torch.arange(s, min(s + batch_size, len(bank))), False, order)
+        out.append(model(clips).logits.double())
+    return torch.cat(out)
+
+
+def acc_after(logits: torch.Tensor, labels: torch.Tensor, t: int) -> float:
+    return float((logits[:, t - 1].argmax(-1) == labels).double().mean())
+
+
+@torch.no_grad()
+def time_full_frame(model, bank: ClipBank, order: str, batch_size: int) -> tuple[float, float]:
+    """CPU and wall seconds per video for the full-frame model on whole clips (all T frames)."""
+    clips = [bank.batch(torch.arange(s, min(s + batch_size, len(bank))), False, order)[0]
+             for s in range(0, len(bank), batch_size)]
+    model(clips[0][:2])  # warm-up
+    c0, w0 = time.process_time(), time.perf_counter()
+    for x in clips:
+        model(x)
+    return (time.process_time() - c0) / len(bank), (time.perf_counter() - w0) / len(bank)
+
+
+@torch.no_grad()
+def time_streaming_exits(model, bank: ClipBank, order: str, policy: ExitPolicy, batch_size: int):
+    """CPU/wall seconds per video for AdaFocusV2+ served as streams: frame by frame with
+    ``model.step``, each stream leaving the batch as soon as it exits.  Also returns the
+    exit step of every video (to check against the offline exits) and its predictions."""
+    clips = [bank.batch(torch.arange(s, min(s + batch_size, len(bank))), False, order)[0]
+             for s in range(0, len(bank), batch_size)]
+    model.step(clips[0][:2, 0], model.init_state(2))  # warm-up
+    steps, preds = [], []
+    c0, w0 = time.process_time(), time.perf_counter()
+    for x in clips:
+        B, T = x.shape[:2]
+        state = model.init_state(B)
+        active = torch.arange(B)
+        exit_at = torch.full((B,), -1)
+        pred = torch.full((B,), -1)
+        for t in range(T):
+            logits, state, _, _ = model.step(x[active, t], state)
+            done = policy.should_exit(logits, t)
+            if done.any():
+                exit_at[active[done]] = t
+                pred[active[done]] = logits[done].argmax(-1)
+                keep = (~done).nonzero().squeeze(1)
+                active = active[keep]
+                state = select_state(state, keep)
+            if active.numel() == 0:
+                break
+        steps.append(exit_at)
+        preds.append(pred)
+    cpu = (time.process_time() - c0) / len(bank)
+    wall = (time.perf_counter() - w0) / len(bank)
+    return cpu, wall, torch.cat(steps), torch.cat(preds)
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
+    ap.add_argument("--videos", type=int, default=2000, help="videos to generate if --data holds none")
+    ap.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
+    ap.add_argument("--size", type=int, default=112, help="frame side the model sees")
+    ap.add_argument("--epochs", type=float, default=4.0, help="epochs of the main model and the full-frame model")
+    ap.add_argument("--ablation-epochs", type=float, default=None, help="epochs of Table 6/7 models (default: --epochs)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--time-batch", type=int, default=32, help="streams per batch when timing")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-table6", action="store_true")
+    ap.add_argument("--skip-table7", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small data, short training: a smoke run")
+    ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        if args.data == ROOT / "data" / "synthetic":
+            args.data = ROOT / "data" / "synthetic_quick"  # never regenerate the full benchmark's directory
+        args.videos = min(args.videos, 400)
+        args.epochs = min(args.epochs, 2.0)
+    ablation_epochs = args.ablation_epochs if args.ablation_epochs is not None else args.epochs
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    t_start = time.time()
+    T = args.frames
+
+    manifest = ensure_dataset(args.data, args.videos, args.seed)
+    t0 = time.time()
+    banks = {}
+    for split in ("train", "val", "test"):
+        clips, labels = load_split(manifest, split, 2 * T, args.size)
+        banks[split] = ClipBank(clips, labels, T)
+    log(f"[data] {manifest}: train/val/test = {len(banks['train'])}/{len(banks['val'])}/{len(banks['test'])} "
+        f"videos, {2 * T} frames decoded at {args.size}x{args.size} ({time.time() - t0:.0f} s)")
+    train_bank, val_bank, test_bank = banks["train"], banks["val"], banks["test"]
+    num_classes = int(max(int(b.labels.max()) for b in banks.values()) + 1)
+    y_val, y_test = val_bank.labels, test_bank.labels
+
+    base = AdaFocusV2Config.tiny(num_classes=num_classes, input_size=args.size)
+    results: dict = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def fit(cfg, order: str, tag: str, epochs: float, model_cls=AdaFocusV2):
+        torch.manual_seed(args.seed)
+        model = model_cls(cfg)
+        info = train(model, train_bank, epochs=epochs, batch_size=args.batch_size, order=order,
+                     seed=args.seed, tag=tag)
+        return model, info
+
+    # ---------------------------------------------------------------- main models
+    log("[train] AdaFocusV2 (all techniques, coarse-to-fine order)")
+    main_model, info = fit(base, "coarse_to_fine", "adafocus_v2", args.epochs)
+    results["adafocus_v2_train"] = info
+    log("[train] full-frame reference (same encoders on whole frames)")
+    ff_cfg = FullFrameConfig.matching(base)
+    full_model, info = fit(ff_cfg, "coarse_to_fine", "full_frame", args.epochs, FullFrameModel)
+    results["full_frame_train"] = info
+
+    # ---------------------------------------------------------------- Table 7
+    table7 = {}
+    if not args.skip_table7:
+        for policy in ("random", "centre", "gaussian", "learned"):
+            cfg = dataclasses.replace(base, policy=policy, reuse_global_feature=False)
+            log(f"[train] Table 7: {policy} policy (fC on e^L only)")
+            model, _ = fit(cfg, "coarse_to_fine", f"t7-{policy}", ablation_epochs)
+            logits = predict(model, test_bank, "coarse_to_fine")
+            table7[policy] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
+            del model
+        results["table7"] = table7
+
+    # ---------------------------------------------------------------- Table 6
+    table6 = []
+    if not args.skip_table6:
+        rows = [
+            ("naive (Eq. 9)", dict(auxiliary_supervision=False, diversity_augmentation=False, stop_gradient=False),
+             "sequential"),
+            ("+ auxiliary supervision", dict(auxiliary_supervision=True, diversity_augmentation=False,
+                                             stop_gradient=False), "sequential"),
+            ("+ diversity augmentation", dict(auxiliary_supervision=True, diversity_augmentation=True,
+                                              stop_gradient=False), "sequential"),
+            ("+ stop-gradient", dict(auxiliary_supervision=True, diversity_augmentation=True, stop_gradient=True),
+             "sequential"),
+        ]
+        for name, switches, order in rows:
+            log(f"[train] Table 6: {name}")
+            model, _ = fit(dataclasses.replace(base, **switches), order, "t6", ablation_epochs)
+            table6.append((name, switches, order, acc_after(predict(model, test_bank, order), y_test, T)))
+            del model
+        # last row: + coarse-to-fine frame order = the main model (same epochs only if equal)
+        if ablation_epochs == args.epochs:
+            main_logits = predict(main_model, test_bank, "coarse_to_fine")
+            table6.append(("+ frame sampling of [21]", {"all": True}, "coarse_to_fine", acc_after(main_logits, y_test, T)))
+        results["table6"] = [{"row": r[0], "switches": r[1], "order": r[2], "accuracy": r[3]} for r in table6]
+
+    # ---------------------------------------------------------------- V2+ curve
+    order = "coarse_to_fine"
+    v2_val, v2_test = predict(main_model, val_bank, order), predict(main_model, test_bank, order)
+    ff_test = predict(full_model, test_bank, order)
+    v2_steps = main_model.flops_per_step(T)
+    ff_steps = full_model.flops_per_step(T)
+    ff_gflops = float(ff_steps.sum()) / 1e9
+    ff_acc = acc_after(ff_test, y_test, T)
+    v2_acc = acc_after(v2_test, y_test, T)
+    curve = trace_curve(v2_val, y_val, v2_steps, v2_test, y_test, v2_steps)
+
+    # ---------------------------------------------------------------- report
+    log("")
+    log("=" * 78)
+    log(f"AdaFocusV2 on the synthetic appearance benchmark: {T} frames/video, {args.size}x{args.size} frames,")
+    log(f"{main_model.config.patch_size}x{main_model.config.patch_size} patches "
+        f"({main_model.config.patch_fraction:.2f} of the side), test split of {len(test_bank)} videos")
+    log("=" * 78)
+    prof = main_model.flops_profile(T)
+    log("\nFLOPs (multiply-adds) per frame, measured with FlopCounterMode:")
+    for k, v in prof.components.items():
+        log(f"  {k:<12} {v / 1e6:8.3f} M")
+    log(f"  {'full frame':<12} {float(ff_steps[0]) / 1e6:8.3f} M   (fG + fL on the whole frame + fC)")
+    eq = {}
+    for paper_p in (96, 128, 160):
+        p = int(round(paper_p / 224 * args.size))
+        m = AdaFocusV2(dataclasses.replace(base, patch_size=p))
+        eq[paper_p] = (p, float(m.flops_per_step(T).sum()) / 1e9)
+    log("  patch-size equivalents (paper P on 224 -> P' on "
+        f"{args.size}): " + ", ".join(f"{pp}->{p}: {g:.4f} GFLOPs/video" for pp, (p, g) in eq.items()))
+    results["patch_equivalents"] = {str(k): {"patch": v[0], "gflops_per_video": v[1]} for k, v in eq.items()}
+
+    if table7:
+        log("\nTable 7 form. Effectiveness of the learned patch selection policy")
+        log(f"(top-1 accuracy after processing t frames, i.e. p_t; {main_model.config.patch_size}^2 patches, "
+            "fC without the glance feature)")
+        head = f"{'Policy':<22}" + "".join(f"{'t=' + str(t):>9}" for t in (1, 2, 4, T))
+        log(head)
+        names = {"random": "Random Policy", "centre": "Central Policy", "gaussian": "Gaussian Policy",
+                 "learned": "AdaFocusV2 (learned)"}
+        for k in ("random", "centre", "gaussian", "learned"):
+            log(f"{names[k]:<22}" + "".join(f"{100 * a:>8.1f}%" for a in table7[k]))
+        best_baseline = max(max(table7[k][i] for k in ("random", "centre", "gaussian")) for i in range(4))
+        margins = [table7["learned"][i] - max(table7[k][i] for k in ("random", "centre", "gaussian"))
+                   for i in range(4)]
+        log("learned minus best baseline: " + ", ".join(f"t={t}: {100 * m:+.1f}" for t, m in zip((1, 2, 4, T), margins)))
+        results["table7_margins"] = margins
+        del best_baseline
+
+    if table6:
+        log("\nTable 6 form. Ablation of the training techniques (top-1 accuracy, all frames)")
+        log(f"{'Aux.':>5}{'Div.':>6}{'Stop':>6}{'C2F':>5}   {'Acc.':>7}  {'Delta':>6}")
+        prev = None
+        for name, sw, order_, acc in table6:
+            flags = [sw.get("auxiliary_supervision", sw.get("all", False)),
+                     sw.get("diversity_augmentation", sw.get("all", False)),
+                     sw.get("stop_gradient", sw.get("all", False)), order_ == "coarse_to_fine"]
+            mark = "".join(f"{'x' if f else '':>{w}}" for f, w in zip(flags, (5, 6, 6, 5)))
+            delta = "    -" if prev is None else f"{100 * (acc - prev):+5.1f}"
+            log(f"{mark}   {100 * acc:6.1f}%  {delta}   {name}")
+            prev = acc
+
+    log("\nAdaFocusV2+ (early exit, thresholds solved on val by Eq. 12 / MSDNet, evaluated on test)")
+    log(f"full-frame model: {100 * ff_acc:.1f}% at {ff_gflops:.4f} GFLOPs/video; "
+        f"AdaFocusV2 (all frames): {100 * v2_acc:.1f}% at {float(v2_steps.sum()) / 1e9:.4f} GFLOPs/video")
+    log(f"{'budget p':>9} {'GFLOPs/video':>13} {'x full':>7} {'frames':>7} {'test acc':>9} {'val acc':>8}")
+    # show ~12 points spread over the cost range (the Pareto-relevant ones)
+    shown, last = [], -1.0
+    span = (curve[-1].test.mean_macs - curve[0].test.mean_macs) / 12 if curve else 0
+    for c in curve:
+        if c.test.mean_macs >= last + span or c is curve[-1]:
+            shown.append(c)
+            last = c.test.mean_macs
+    for c in shown:
+        log(f"{c.p:>9.3f} {c.test.gflops:>13.4f} {c.test.mean_macs / 1e9 / ff_gflops:>7.3f} "
+            f"{c.test.mean_steps:>7.2f} {100 * c.test.accuracy:>8.1f}% {100 * c.heldout.accuracy:>7.1f}%")
+    results["curve"] = [{"p": c.p, "test_gflops": c.test.gflops, "test_acc": c.test.accuracy,
+                         "val_gflops": c.heldout.gflops, "val_acc": c.heldout.accuracy,
+                         "mean_frames": c.test.mean_steps, "thresholds": c.policy.to_dict()["thresholds"]}
+                        for c in curve]
+
+    reaching = [c for c in curve if c.test.accuracy >= ff_acc]
+    if reaching:
+        at = min(reaching, key=lambda c: c.test.mean_macs)
+        flops_ratio = at.test.mean_macs / 1e9 / ff_gflops
+    else:
+        at = max(curve, key=lambda c: (c.test.accuracy, -c.test.mean_macs))
+        flops_ratio = float("nan")
+        log(f"AdaFocusV2+ never reaches the full-frame accuracy (best {100 * at.test.accuracy:.1f}%): "
+            "ratio reported as nan; timing below uses its most accurate point")
+    fixed = evaluate_fixed_steps(v2_test, y_test, v2_steps, max(1, round(at.test.mean_steps)))
+    rnd = evaluate_random_exits(v2_test, y_test, v2_steps, at.test.exit_fraction,
+                                torch.Generator().manual_seed(args.seed))
+    log(f"Fig. 9 form at that point: confidence exits {100 * at.test.accuracy:.1f}% "
+        f"({at.test.mean_steps:.2f} frames) | random exits, same proportions {100 * rnd.accuracy:.1f}% "
+        f"({rnd.mean_steps:.2f}) | fixed {fixed.mean_steps:.0f} frames {100 * fixed.accuracy:.1f}%")
+
+    # ---------------------------------------------------------------- CPU time
+    ff_cpu, ff_wall = time_full_frame(full_model, test_bank, order, args.time_batch)
+    v2_cpu, v2_wall, steps_online, preds_online = time_streaming_exits(main_model, test_bank, order, at.policy,
+                                                                       args.time_batch)
+    steps_offline = exit_steps(v2_test, at.policy)
+    agree = float((steps_online == steps_offline).double().mean())
+    online_acc = float((preds_online == y_test).double().mean())
+    cpu_ratio = v2_cpu / ff_cpu
+    log(f"CPU time per test video ({args.threads} threads): full-frame {1e3 * ff_cpu:.2f} ms "
+        f"(wall {1e3 * ff_wall:.2f}), AdaFocusV2+ streamed {1e3 * v2_cpu:.2f} ms (wall {1e3 * v2_wall:.2f}); "
+        f"online exits match offline for {100 * agree:.1f}% of videos, online accuracy {100 * online_acc:.1f}%")
+    results.update(full_frame={"acc": ff_acc, "gflops": ff_gflops, "cpu_s": ff_cpu, "wall_s": ff_wall},
+                   adafocus_v2={"acc": v2_acc, "gflops": float(v2_steps.sum()) / 1e9},
+                   adafocus_v2_plus={"acc": at.test.accuracy, "gflops": at.test.gflops, "cpu_s": v2_cpu,
+                                     "wall_s": v2_wall, "mean_frames": at.test.mean_steps,
+                                     "thresholds": at.policy.to_dict()},
+                   flops_ratio_at_full_acc=flops_ratio, cpu_time_ratio=cpu_ratio,
+                   total_seconds=time.time() - t_start)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    log(f"total time {time.time() - t_start:.0f} s")
+    log(f"flops_ratio_at_full_acc={flops_ratio:.3f} cpu_time_ratio={cpu_ratio:.3f} "
+        f"full_frame_acc={ff_acc:.3f} v2plus_acc={at.test.accuracy:.3f} "
+        f"v2plus_gflops={at.test.gflops:.4f} full_frame_gflops={ff_gflops:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
