@@ -18,8 +18,9 @@
 #     10002-19999 range) and --dashboard-agent-listen-port=0 (the default 52365 is fixed and would collide);
 #     node-manager, object-manager, metrics-export, dashboard-agent gRPC and runtime-env-agent ports are
 #     OS-assigned by default already;
-#   * one --temp-dir for all nodes, so they share one session directory and one log monitor (the head's);
-#     workers run with --include-log-monitor=false (one log monitor per host, or logs are duplicated);
+#   * a --temp-dir per node (the head's state dir, and w<k>/ inside it for worker k), as separate machines
+#     would have: with one shared session directory, a worker node's runtime-env agent garbage-collects the
+#     job's unpacked --working-dir (same path) while the driver on the head still runs in it;
 #   * all nodes register with the host's IP (`ray start` turns 127.0.0.1 into it) and the GCS listens on
 #     all interfaces: on a machine others can reach, use token auth (below) or a firewall;
 #   * a private --temp-dir also keeps this cluster out of /tmp/ray, so another user's plain ray.init()
@@ -165,7 +166,7 @@ object_store_bytes=$((object_store_mb * 1024 * 1024))
 address="127.0.0.1:$port"
 
 # Common flags of every node (see the header for why).
-common=(--block --temp-dir="$state_dir"
+common=(--block
         --object-store-memory="$object_store_bytes"
         --min-worker-port=0 --max-worker-port=0 --dashboard-agent-listen-port=0
         --disable-usage-stats)
@@ -190,6 +191,7 @@ launch node_0 --head --port="$port" \
     --ray-client-server-port="$client_port" \
     --num-cpus="$head_cpus" --num-gpus="$head_gpus" \
     --resources="{\"node_0\": 1, \"node_slot\": 1}" \
+    --temp-dir="$state_dir" \
     "${common[@]}"
 
 deadline=$((SECONDS + timeout_s))
@@ -204,7 +206,7 @@ for ((k = 1; k <= workers; k++)); do
     launch "node_$k" --address="$address" \
         --num-cpus="$worker_cpus" --num-gpus="$worker_gpus" \
         --resources="{\"node_$k\": 1, \"node_slot\": 1}" \
-        --include-log-monitor=false \
+        --temp-dir="$state_dir/w$k" \
         "${common[@]}"
 done
 

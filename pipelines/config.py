@@ -51,8 +51,9 @@ class DataConfig:
     """Decode short side S (clips are S x S)."""
     crop_size: int = 112
     """Model input side (training multi-scale crop / evaluation centre crop)."""
-    coarse_to_fine: bool = True
-    """FrameExit's middle-first frame order (AdaFocusV2 Table 6)."""
+    coarse_to_fine: bool = False
+    """FrameExit's middle-first frame order (AdaFocusV2 Table 6). Off by default: a model that serves
+    live streams sees frames in arrival order, so it should be trained in that order."""
     flip: bool = True
     """Random horizontal flip in training (turn off for direction-defined classes)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,9 @@ def _env_from_file(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    state = tmp_path / "ray"
+def two_node_cluster():
+    # Ray's socket paths live under the state dir and must stay under 108 bytes: keep it short.
+    state = Path(tempfile.mkdtemp(prefix="ars-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run([str(REPO / "cluster" / "start_local_cluster.sh"), "--workers", "1", "--port", "auto",
@@ -36,6 +39,7 @@ def two_node_cluster(tmp_path):
     finally:
         subprocess.run([str(REPO / "cluster" / "stop_local_cluster.sh"), "--state-dir", str(state), "--clean"],
                        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, training_set, tmp_path):

@@ -1,0 +1,113 @@
+"""The model side of serving: one recurrent step for a batch of streams, one frame each.
+
+The reference design is Triton's sequence batcher: requests of many sequences are batched, never two
+of the same sequence, and each carries its sequence's state. Here the state travels *with* the request
+(:class:`StepRequest.state`, a few KB of numpy arrays: the policy's GRU state, the classifier's pooled
+features and the step count) and comes back updated in :class:`StepResult`. A recognizer replica
+therefore holds nothing about any stream: batches can mix streams freely, any replica can serve the
+next frame of any stream, and a replica that dies loses nothing -- the caller resends the same request
+(same frame, same state) elsewhere.
+
+:class:`StepEngine` is plain PyTorch (no Ray), used by the Serve deployment, by ``predict.py`` and as
+the in-process baseline of ``benchmarks/serve_load.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from adaptive.interface import stack_states
+from pipelines.serve.frames import to_model_input
+
+StateArrays = dict[str, np.ndarray]
+
+
+@dataclass
+class StepRequest:
+    stream: str
+    """Stream id (for bookkeeping and the one-frame-per-stream rule)."""
+    frame: np.ndarray
+    """uint8 ``[crop, crop, 3]`` RGB: the transformed frame."""
+    state: StateArrays | None = None
+    """The stream's recurrent state after its previous step in this window; None starts a window."""
+
+
+@dataclass
+class StepResult:
+    logits: np.ndarray
+    """float32 ``[K]``: the prediction p_t (pre-softmax) after this frame."""
+    state: StateArrays
+    macs: float
+    """Multiply-adds this step spent."""
+    box: list[float]
+    """The patch the policy chose, normalised ``x1, y1, x2, y2``."""
+    batch_size: int = 1
+    replica: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_to_arrays(state: dict[str, torch.Tensor]) -> list[StateArrays]:
+    """A batched model state -> one dict of numpy arrays (batch 1) per stream."""
+    host = {k: v.detach().to("cpu").numpy() for k, v in state.items()}
+    batch = next(iter(host.values())).shape[0]
+    return [{k: v[i:i + 1].copy() for k, v in host.items()} for i in range(batch)]
+
+
+class StepEngine:
+    """Runs ``model.step`` for a list of requests, batching them (one frame per stream per pass)."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", replica: str = "") -> None:
+        if not getattr(model, "streaming", True):
+            # Whole-clip methods (AdaFrame, AdaFocusV3, Ada3D) need a buffering engine that calls
+            # forward() at the end of a window; they plug in here when they arrive.
+            raise NotImplementedError(f"{type(model).__name__} is not a streaming model; "
+                                      "the live server needs model.step()")
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.replica = replica
+        self._fresh: dict[str, torch.Tensor] = {k: v.to("cpu") for k, v in model.init_state(1, self.device).items()}
+
+    @torch.inference_mode()
+    def run(self, requests: list[StepRequest]) -> list[StepResult]:
+        """Results in request order. Requests of the same stream go to successive passes, in order
+        (the server never sends two at once; this keeps the engine correct if someone else does)."""
+        results: list[StepResult | None] = [None] * len(requests)
+        remaining = list(range(len(requests)))
+        carried: dict[str, StateArrays] = {}
+        while remaining:
+            seen: set[str] = set()
+            this_pass, later = [], []
+            for i in remaining:
+                (later if requests[i].stream in seen else this_pass).append(i)
+                seen.add(requests[i].stream)
+            batch = [requests[i] for i in this_pass]
+            states = [carried.get(r.stream, r.state) for r in batch]
+            for i, result in zip(this_pass, self._step(batch, states)):
+                results[i] = result
+                carried[requests[i].stream] = result.state
+            remaining = later
+        return [r for r in results if r is not None]
+
+    def _step(self, batch: list[StepRequest], states: list[StateArrays | None]) -> list[StepResult]:
+        frames = to_model_input(np.stack([r.frame for r in batch]), self.device)
+        state = stack_states([self._state_tensors(s) for s in states])
+        out = self.model.step(frames, state)
+        logits = out.logits.float().to("cpu").numpy()
+        macs = out.flops.to("cpu").numpy()
+        boxes = out.extra.get("boxes")
+        boxes = boxes.float().to("cpu").numpy() if boxes is not None else np.full((len(batch), 4), np.nan)
+        new_states = state_to_arrays(out.state)
+        return [StepResult(logits=logits[i].copy(), state=new_states[i], macs=float(macs[i]),
+                           box=[round(float(v), 4) for v in boxes[i]], batch_size=len(batch), replica=self.replica)
+                for i in range(len(batch))]
+
+    def _state_tensors(self, state: StateArrays | None) -> dict[str, torch.Tensor]:
+        if state is None:
+            return {k: v.to(self.device) for k, v in self._fresh.items()}
+        if state.keys() != self._fresh.keys():
+            raise ValueError(f"state keys {sorted(state)} do not match the model's {sorted(self._fresh)}")
+        return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in state.items()}

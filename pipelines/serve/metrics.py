@@ -1,0 +1,112 @@
+"""Prometheus metrics through Ray Serve's metrics API (``ray.serve.metrics``).
+
+Serve adds the ``deployment``, ``replica`` and ``application`` tags and Ray's metrics agent exports
+everything on each node's metrics port (``ray start --metrics-export-port``, scraped by Prometheus;
+Ray prefixes the names with ``ray_``). Counters are ``*_total``.
+
+Per stream (tag ``stream``): ``adastream_stream_fps`` (frames received per second),
+``adastream_stream_model_fps`` (frames the model saw per second), ``adastream_stream_latency_p50_ms``
+and ``..._p99_ms`` (frame in -> event out over the last 1024 frames), ``adastream_frames_total``,
+``adastream_steps_total``, ``adastream_frames_dropped_total`` (tag ``reason``),
+``adastream_windows_total``, ``adastream_exits_total``, ``adastream_gflops_spent_total``,
+``adastream_gflops_saved_total`` (what early exit did not spend: the window's remaining frames).
+Replica-wide: ``adastream_frame_latency_ms`` (histogram, for p50/p99 with ``histogram_quantile``),
+``adastream_active_streams``, ``adastream_recognizer_retries_total``; on the recognizer
+``adastream_batch_size`` (histogram) and ``adastream_batch_latency_ms``.
+
+Streams update plain counters as they go; :meth:`ServeMetrics.publish` turns them into metric updates
+once a second (deltas for counters), so the per-frame path never touches the metrics recorder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@dataclass
+class _Published:
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+class ServeMetrics:
+    """The ingress replica's metrics (created inside the replica, where Serve's context exists)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        stream = ("stream",)
+        self.fps = Gauge("adastream_stream_fps", "Frames received per second, per stream", stream)
+        self.model_fps = Gauge("adastream_stream_model_fps", "Frames the model saw per second, per stream", stream)
+        self.p50 = Gauge("adastream_stream_latency_p50_ms", "Median frame latency (in -> event), per stream", stream)
+        self.p99 = Gauge("adastream_stream_latency_p99_ms", "p99 frame latency (in -> event), per stream", stream)
+        self.frames = Counter("adastream_frames", "Frames received", stream)
+        self.steps = Counter("adastream_steps", "Frames the model processed", stream)
+        self.dropped = Counter("adastream_frames_dropped", "Frames dropped (queue full, rate limit, malformed, ...)",
+                               ("stream", "reason"))
+        self.windows = Counter("adastream_windows", "Recognition windows started", stream)
+        self.exits = Counter("adastream_exits", "Windows that exited early", stream)
+        self.spent = Counter("adastream_gflops_spent", "GFLOPs (multiply-adds) spent by the model", stream)
+        self.saved = Counter("adastream_gflops_saved", "GFLOPs early exit did not spend", stream)
+        self.retries = Counter("adastream_recognizer_retries", "Steps resent after a recognizer replica was lost")
+        self.latency = Histogram("adastream_frame_latency_ms", "Frame latency: arrival -> prediction event",
+                                 LATENCY_BOUNDARIES_MS)
+        self.active = Gauge("adastream_active_streams", "Streams on this ingress replica")
+        self._published: dict[str, _Published] = {}
+
+    def publish(self, sessions: Iterable[Any]) -> None:
+        """Push every stream's counters and gauges (call about once a second)."""
+        sessions = list(sessions)
+        self.active.set(float(len(sessions)))
+        live = set()
+        for s in sessions:
+            live.add(s.id)
+            tags = {"stream": s.id}
+            self.fps.set(float(s.fps_in.rate()), tags)
+            self.model_fps.set(float(s.fps_model.rate()), tags)
+            pct = s.latency_percentiles()
+            if pct["p50"] is not None:
+                self.p50.set(float(pct["p50"]), tags)
+                self.p99.set(float(pct["p99"]), tags)
+            for value in s.new_latencies:
+                self.latency.observe(value)
+            s.new_latencies.clear()
+            c = s.counters
+            seen = self._published.setdefault(s.id, _Published()).counters
+            current = {"frames": c.frames_received, "steps": c.steps, "windows": c.windows, "exits": c.exits,
+                       "spent": c.gflops_spent, "saved": c.gflops_saved, "retries": c.retries,
+                       **{f"dropped:{k}": v for k, v in c.dropped.items()}}
+            for key, value in current.items():
+                delta = value - seen.get(key, 0)
+                if delta <= 0:
+                    continue
+                seen[key] = value
+                if key.startswith("dropped:"):
+                    self.dropped.inc(delta, {"stream": s.id, "reason": key.split(":", 1)[1]})
+                elif key == "retries":
+                    self.retries.inc(delta)
+                else:
+                    getattr(self, key).inc(delta, tags)
+        for gone in set(self._published) - live:
+            # A stream that ended reads 0 fps rather than its last rate forever.
+            self.fps.set(0.0, {"stream": gone})
+            self.model_fps.set(0.0, {"stream": gone})
+            del self._published[gone]
+
+
+class RecognizerMetrics:
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.batch_size = Histogram("adastream_batch_size", "Streams per forward pass", BATCH_BOUNDARIES)
+        self.batch_latency = Histogram("adastream_batch_latency_ms", "Forward pass time per batch",
+                                       LATENCY_BOUNDARIES_MS)
+        self.frames = Counter("adastream_recognizer_frames", "Frames stepped by this recognizer replica")
+
+    def observe(self, batch_size: int, latency_ms: float) -> None:
+        self.batch_size.observe(float(batch_size))
+        self.batch_latency.observe(latency_ms)
+        self.frames.inc(float(batch_size))

@@ -1,0 +1,286 @@
+"""Decoding video sources with PyAV in a background thread: pulled URLs and pushed MPEG-TS chunks.
+
+A :class:`SourceReader` thread opens a container, decodes its first video stream and hands every frame
+(as ``av.VideoFrame`` plus its media time) to a callback; the callback runs in the reader thread and
+must be cheap and thread-safe (the server's just schedules the frame onto its event loop, where the
+window logic decides whether it is converted at all).
+
+Pull sources (``POST /v1/streams``): anything FFmpeg's demuxers and protocols open -- MPEG-TS over
+``udp://`` or ``tcp://``, ``http(s)://`` files and HLS playlists, ``rtsp://``, local files. Files are
+read at their own frame rate (their timestamps are followed against the wall clock, like ``ffmpeg
+-re``); live sources arrive at theirs. When a live source fails, times out or ends, the reader
+reconnects with exponential back-off; a file ends the stream at its end (or loops).
+
+Push sources (MPEG-TS chunks over a WebSocket): the chunks go into a :class:`ChunkPipe`, a blocking
+file-like object the demuxer reads from, so chunk boundaries can fall anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import av
+
+logger = logging.getLogger(__name__)
+
+LIVE_SCHEMES = frozenset({"udp", "tcp", "rtp", "rtsp", "rtsps", "srt", "rtmp"})
+
+# Low-latency demuxing: probe little (a live stream has no index to find), do not buffer ahead.
+LIVE_OPTIONS = {"fflags": "nobuffer", "probesize": "500000", "analyzeduration": "1000000"}
+# UDP: keep reading when the socket buffer overruns (drop packets, like a live receiver must).
+UDP_OPTIONS = {"overrun_nonfatal": "1", "fifo_size": "278876", "buffer_size": "4194304"}
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be used at all (not a video, too large): no point reconnecting."""
+
+
+@dataclass
+class SourceOptions:
+    url: str
+    realtime: bool | None = None
+    """Follow timestamps against the wall clock; None = for files (local, HTTP non-HLS), not for live."""
+    loop: bool = False
+    """Start a file again at its end instead of ending the stream."""
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 10.0
+    reconnect_attempts: int = 0
+    """Failed (re)connections in a row before giving up; 0 = never give up (the server's idle timeout
+    evicts a stream whose source stays away)."""
+    max_pixels: int = 3840 * 2160
+    av_options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower() if "://" in self.url else "file"
+
+    @property
+    def is_live(self) -> bool:
+        if self.scheme in LIVE_SCHEMES:
+            return True
+        return self.scheme in ("http", "https") and ".m3u8" in self.url.lower()
+
+    @property
+    def follows_clock(self) -> bool:
+        return (not self.is_live) if self.realtime is None else self.realtime
+
+
+@dataclass
+class SourceFrame:
+    frame: av.VideoFrame
+    media_time: float | None
+    """Seconds from the frame's timestamp (None when it has none)."""
+    fps: float
+
+
+FrameCallback = Callable[[SourceFrame], bool]
+"""Returns False to ask the reader to wait (``block`` drop policy); True to continue."""
+StatusCallback = Callable[[str, str, int], None]
+"""(status, message, attempt): ``connecting``, ``connected``, ``reconnecting``, ``ended``, ``failed``."""
+
+
+class ChunkPipe(io.RawIOBase):
+    """A byte pipe: the event loop writes pushed chunks, the demuxer thread reads them (blocking)."""
+
+    def __init__(self, max_buffered: int = 16 * 1024 * 1024) -> None:
+        super().__init__()
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self._eof = False
+        self.max_buffered = max_buffered
+
+    def readable(self) -> bool:
+        return True
+
+    def feed(self, data: bytes) -> bool:
+        """Append a chunk; False when the decoder is so far behind that the buffer is full (dropped)."""
+        with self._cond:
+            if self._eof:
+                return False
+            if len(self._buffer) + len(data) > self.max_buffered:
+                return False
+            self._buffer += data
+            self._cond.notify()
+            return True
+
+    @property
+    def exhausted(self) -> bool:
+        return self._eof and not self._buffer
+
+    def finish(self) -> None:
+        """No more chunks: the demuxer sees the end of the stream once the buffer is drained."""
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def readinto(self, target: Any) -> int:
+        with self._cond:
+            while not self._buffer and not self._eof:
+                self._cond.wait()
+            n = min(len(target), len(self._buffer))
+            target[:n] = self._buffer[:n]
+            del self._buffer[:n]
+            return n
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+class SourceReader(threading.Thread):
+    """Decodes one source in a daemon thread until :meth:`stop` (see module docstring)."""
+
+    def __init__(self, opener: Callable[[], Any], on_frame: FrameCallback, on_status: StatusCallback, *,
+                 name: str, live: bool, follow_clock: bool, loop: bool = False, max_pixels: int = 3840 * 2160,
+                 reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0, reconnect_attempts: int = 0,
+                 reconnect: bool = True, exhausted: Callable[[], bool] | None = None) -> None:
+        super().__init__(name=f"source-{name}", daemon=True)
+        self._opener = opener
+        self._on_frame = on_frame
+        self._on_status = on_status
+        self.live = live
+        self.follow_clock = follow_clock
+        self.loop = loop
+        self.max_pixels = max_pixels
+        self.reconnect = reconnect
+        self.reconnect_initial_s = reconnect_initial_s
+        self.reconnect_max_s = reconnect_max_s
+        self.reconnect_attempts = reconnect_attempts
+        self.exhausted = exhausted
+        """For pushed chunks: True once the client has finished and everything was read."""
+        self._stop = threading.Event()
+        self.attempt_frames = 0
+        self.frames_decoded = 0
+        self.errors: list[str] = []
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        failures = 0
+        delay = self.reconnect_initial_s
+        status = "connecting"
+        while not self._stop.is_set():
+            self._on_status(status, "", failures)
+            status = "reconnecting"
+            self.attempt_frames = 0
+            error_message = None
+            try:
+                self._read_once()
+            except SourceError as error:
+                self._on_status("failed", str(error), failures)
+                return
+            except Exception as error:  # noqa: BLE001 - any FFmpeg/OS error of a source means: retry
+                error_message = _describe(error)
+                self.errors.append(error_message)
+                logger.info("source %s: %s", self.name, error_message)
+            if self._stop.is_set():
+                return
+            if self.exhausted is not None and self.exhausted():
+                self._on_status("ended", "the client finished the stream", failures)
+                return
+            if error_message is None and not self.live and not self.loop:
+                self._on_status("ended", "end of file", failures)
+                return
+            if not self.reconnect:
+                self._on_status("failed" if error_message else "ended", error_message or "end of stream", failures)
+                return
+            if error_message:
+                self._on_status("error", error_message, failures)
+            if self.attempt_frames and (self.live or error_message is None):
+                # A live source that delivered and then dropped, or a looping file: start over.
+                failures, delay = 0, self.reconnect_initial_s
+                if error_message is None:
+                    continue
+            else:
+                # Files that fail mid-way count as failures too, so a corrupt file cannot loop forever.
+                failures += 1
+                limit = self.reconnect_attempts or (0 if self.live else 3)
+                if limit and failures >= limit:
+                    self._on_status("failed", f"gave up after {failures} failed attempts"
+                                    + (f": {error_message}" if error_message else ""), failures)
+                    return
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.reconnect_max_s)
+
+    def _read_once(self) -> None:
+        """Open and decode until the end or an error, counting frames in ``attempt_frames``."""
+        with self._opener() as container:
+            if not container.streams.video:
+                raise SourceError("the source has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            ctx = stream.codec_context
+            if ctx.width and ctx.height and ctx.width * ctx.height > self.max_pixels:
+                raise SourceError(f"resolution {ctx.width}x{ctx.height} exceeds the limit of {self.max_pixels} pixels")
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 25.0
+            self._on_status("connected", f"{ctx.name} {ctx.width}x{ctx.height} @ {fps:.3g} fps", 0)
+            wall0: float | None = None
+            media0: float | None = None
+            for frame in container.decode(stream):
+                if self._stop.is_set():
+                    break
+                if frame.width * frame.height > self.max_pixels:
+                    raise SourceError(f"frame of {frame.width}x{frame.height} exceeds the limit of "
+                                      f"{self.max_pixels} pixels")
+                media_time = float(frame.time) if frame.time is not None else None
+                if self.follow_clock and media_time is not None:
+                    # Decode at the source's own rate: a file is played, not slurped.
+                    now = time.monotonic()
+                    if wall0 is None or media0 is None or media_time < media0:
+                        wall0, media0 = now, media_time
+                    ahead = (media_time - media0) - (now - wall0)
+                    if ahead > 0:
+                        if self._stop.wait(ahead):
+                            break
+                    elif ahead < -1.0:
+                        wall0, media0 = now, media_time  # fell far behind: do not rush to catch up
+                self.attempt_frames += 1
+                self.frames_decoded += 1
+                while not self._on_frame(SourceFrame(frame, media_time, fps)):
+                    if self._stop.wait(0.01):  # ``block`` policy: wait for room
+                        break
+
+
+def open_url(options: SourceOptions) -> Callable[[], Any]:
+    """An opener for a pull source URL (or local path) with the timeouts and live-stream options."""
+    av_options = dict(options.av_options)
+    if options.is_live:
+        av_options = {**LIVE_OPTIONS, **av_options}
+    if options.scheme == "udp":
+        av_options = {**UDP_OPTIONS, **av_options}
+    if options.scheme in ("rtsp", "rtsps"):
+        av_options.setdefault("rtsp_transport", "tcp")
+
+    def opener() -> Any:
+        return av.open(options.url, mode="r", options=av_options, metadata_errors="ignore",
+                       timeout=(options.open_timeout_s, options.read_timeout_s))
+
+    return opener
+
+
+def open_pipe(pipe: ChunkPipe) -> Callable[[], Any]:
+    """An opener for pushed MPEG-TS chunks."""
+
+    def opener() -> Any:
+        return av.open(pipe, mode="r", format="mpegts", options=dict(LIVE_OPTIONS), metadata_errors="ignore")
+
+    return opener
+
+
+def _describe(error: Exception) -> str:
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"

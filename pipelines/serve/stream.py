@@ -1,0 +1,547 @@
+"""One live stream on the ingress: windows, the per-stream recurrent state, online early exit, events.
+
+Frames arrive (pushed images, frames decoded from pushed MPEG-TS or from a pulled source) and are
+*offered*; the :class:`~pipelines.serve.windows.Windower` admits the few the model should see and the
+rest are dropped before any conversion. Admitted frames wait in a short queue (``queue_frames``; the
+drop policy applies beyond it) for the stream's single worker task, which converts a frame, sends it
+with the stream's state to the recognizer (``hub.step``: batched with other streams' frames there),
+keeps the returned state, applies the exit rule for the stream's current budget and publishes a
+``prediction`` event. Once the rule fires, the window is closed: none of its remaining frames is
+decoded or stepped -- that is the compute early exit saves -- until the next window starts fresh.
+
+One worker per stream means at most one frame of a stream is in flight: the state of step t+1 needs
+step t's, and it is what lets the recognizer batch streams without ever mixing two frames of one.
+
+The state lives here, on the ingress, and travels with each request, so a recognizer replica that
+dies costs a retry, not the stream. If the ingress replica dies, its streams' records in the
+directory let the next replica pick them up; the window that was in progress restarts (there is an
+explicit ``window_restarted`` event) because its state died with the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from pipelines.serve.budgets import BudgetError, ExitCatalog, ExitChoice
+from pipelines.serve.config import ServeConfig
+from pipelines.serve.engine import StateArrays, StepRequest, StepResult
+from pipelines.serve.events import EventLog
+from pipelines.serve.frames import PayloadError
+from pipelines.serve.windows import StreamClock, Windower, WindowSpec
+
+logger = logging.getLogger(__name__)
+
+PUSH = "push"
+PULL = "pull"
+
+
+class Hub(Protocol):
+    """What a stream needs from its ingress replica."""
+
+    config: ServeConfig
+    catalog: ExitCatalog
+    classes: list[str]
+    step_macs: float
+
+    async def step(self, request: StepRequest) -> StepResult: ...
+
+    def default_choice(self) -> ExitChoice: ...
+
+    def run_blocking(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]": ...
+
+    def changed(self, session: "StreamSession") -> None: ...
+
+
+@dataclass
+class StreamSettings:
+    """Per-stream recognition settings (defaults from :class:`ServeConfig`)."""
+
+    window: WindowSpec
+    budget: str | None = None
+    """Budget override; None follows the server-wide budget."""
+    top_k: int = 3
+    emit: str = "steps"
+    drop_policy: str = "drop_oldest"
+    queue_frames: int = 2
+    fps: float | None = None
+    """Declared frame rate of pushed images without timestamps: frame i is at i / fps seconds.
+    None: their arrival time is their stream time."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window_frames": self.window.frames, "window_seconds": self.window.seconds, "budget": self.budget,
+                "top_k": self.top_k, "emit": self.emit, "drop_policy": self.drop_policy,
+                "queue_frames": self.queue_frames, "fps": self.fps}
+
+
+@dataclass
+class Pending:
+    window: int
+    slot: int
+    frame_index: int
+    stream_time: float
+    received: float  # time.monotonic() when the frame arrived
+    produce: Callable[[], np.ndarray]  # -> uint8 [crop, crop, 3]; runs in a worker thread
+
+
+@dataclass
+class Counters:
+    frames_received: int = 0
+    frames_sampled: int = 0
+    steps: int = 0
+    windows: int = 0
+    exits: int = 0
+    restarts: int = 0
+    retries: int = 0
+    errors: int = 0
+    skipped_after_exit: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    gflops_spent: float = 0.0
+    gflops_saved: float = 0.0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    @property
+    def frames_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frames_received": self.frames_received, "frames_sampled": self.frames_sampled,
+                "steps": self.steps, "windows": self.windows, "exits": self.exits, "restarts": self.restarts,
+                "retries": self.retries, "errors": self.errors, "skipped_after_exit": self.skipped_after_exit,
+                "frames_dropped": self.frames_dropped, "dropped": dict(self.dropped),
+                "gflops_spent": round(self.gflops_spent, 6), "gflops_saved": round(self.gflops_saved, 6)}
+
+
+class RateMeter:
+    """Events per second over a sliding window (for per-stream fps)."""
+
+    def __init__(self, horizon: float = 2.0) -> None:
+        self.horizon = horizon
+        self.times: deque[float] = deque()
+
+    def tick(self, now: float) -> None:
+        self.times.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self.times and self.times[0] < now - self.horizon:
+            self.times.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        self._trim(time.monotonic() if now is None else now)
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-6)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def _retriable(error: BaseException) -> bool:
+    """Errors that mean "this replica is gone or busy", after which the same request can be resent."""
+    import ray.exceptions as rex
+
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(error, rex.RayTaskError):
+        return isinstance(getattr(error, "cause", None), (rex.RayActorError, rex.ActorUnavailableError))
+    if isinstance(error, (rex.RayActorError, rex.ActorUnavailableError, rex.ObjectLostError)):
+        return True
+    try:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+
+        return isinstance(error, (BackPressureError, DeploymentUnavailableError, RayServeException))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - float(np.max(logits))
+    e = np.exp(z)
+    return e / e.sum()
+
+
+class StreamSession:
+    """A stream's windows, state and counters on this ingress replica (see module docstring)."""
+
+    def __init__(self, hub: Hub, stream_id: str, kind: str, settings: StreamSettings, *,
+                 source: dict[str, Any] | None = None, resume: dict[str, Any] | None = None) -> None:
+        self.hub = hub
+        self.id = stream_id
+        self.kind = kind
+        self.settings = settings
+        self.source = source or {}
+        self.created = time.time()
+        self.status = "starting"
+        self.status_message = ""
+        self.counters = Counters()
+        self.events = EventLog(stream_id, hub.config.event_buffer)
+        self.clock = StreamClock(max_gap=5.0)
+        self.arrival_clock = StreamClock(max_gap=math.inf)
+        self.fps_in = RateMeter()
+        self.fps_model = RateMeter()
+        self.latencies: deque[float] = deque(maxlen=1024)
+        self.new_latencies: list[float] = []  # not yet published as metrics
+        self.last_activity = time.monotonic()
+        self.connected = False  # a push client is attached (or a pull source is being read)
+        self.closed = False
+        self.frame_offset = 0  # frame indices continue across an ingress restart
+
+        self._override: ExitChoice | None = None
+        if settings.budget is not None:
+            self._override = hub.catalog.resolve(settings.budget)  # raises BudgetError (-> 422)
+
+        # Window processing state (owned by the worker task).
+        first_window, restarted = self._resume_point(resume)
+        self.windower = Windower(settings.window, first_window)
+        self.window = first_window - 1
+        self.window_steps = 0
+        self.window_macs = 0.0
+        self.window_final = True
+        self.state: StateArrays | None = None
+        self.last_prediction: dict[str, Any] | None = None
+
+        self.pending: deque[Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"stream-{stream_id}")
+        self.on_close: list[Callable[["StreamSession"], None]] = []
+
+        self.events.publish("stream_started", kind=kind, window_frames=settings.window.frames,
+                            window_seconds=settings.window.seconds, budget=self.choice.to_dict(),
+                            source=self.source.get("url"), resumed=resume is not None)
+        if restarted is not None:
+            self.counters.restarts += 1
+            self.events.publish("window_restarted", window=restarted["window"], lost_steps=restarted["steps"],
+                                reason="the replica serving this stream was lost; the window's recurrent "
+                                       "state is re-created from scratch")
+
+    # ------------------------------------------------------------------ resumption
+    def _resume_point(self, record: dict[str, Any] | None) -> tuple[int, dict | None]:
+        """(first window index, the record of a window that has to restart or None)."""
+        if not record:
+            return 0, None
+        self.frame_offset = int(record.get("frames", 0))
+        last_time = record.get("stream_time")
+        if last_time is not None:
+            self.clock.continue_from(float(last_time))
+        window = int(record.get("window", -1))
+        if window < 0:
+            return 0, None
+        if record.get("steps", 0) > 0 and not record.get("final", False):
+            return window, {"window": window, "steps": int(record["steps"])}
+        return window + 1, None
+
+    # ------------------------------------------------------------------ budget
+    @property
+    def choice(self) -> ExitChoice:
+        return self._override if self._override is not None else self.hub.default_choice()
+
+    def set_budget(self, budget: str | None) -> ExitChoice:
+        """Per-stream budget (None: follow the server's). Applies from the next frame; raises BudgetError."""
+        self._override = None if budget is None else self.hub.catalog.resolve(budget)
+        self.settings.budget = budget
+        self.events.publish("budget_changed", budget=self.choice.to_dict(), scope="stream")
+        self.hub.changed(self)
+        return self.choice
+
+    # ------------------------------------------------------------------ frames in
+    def stream_time(self, media_time: float | None, index: int) -> float:
+        if media_time is not None:
+            return self.clock(media_time)
+        if self.settings.fps:
+            return self.clock(index / self.settings.fps)
+        return self.arrival_clock(time.monotonic())
+
+    def offer(self, produce: Callable[[], np.ndarray], media_time: float | None = None,
+              received: float | None = None) -> bool:
+        """A frame arrived; returns True if the model will see it (it was admitted and queued)."""
+        now = time.monotonic()
+        received = now if received is None else received
+        index = self.frame_offset + self.counters.frames_received
+        self.counters.frames_received += 1
+        self.last_activity = now
+        self.fps_in.tick(now)
+        if self.closed:
+            return False
+        t = self.stream_time(media_time, index)
+        admission = self.windower.admit(t)
+        if admission is None:
+            return False
+        self.counters.frames_sampled += 1
+        if len(self.pending) >= self.settings.queue_frames and self.settings.drop_policy != "block":
+            if self.settings.drop_policy == "drop_newest":
+                self.counters.drop("queue_full")
+                return False
+            self.pending.popleft()  # drop_oldest: stay live
+            self.counters.drop("queue_full")
+        self.pending.append(Pending(admission.window, admission.slot, index, t, received, produce))
+        self._drained.clear()
+        if len(self.pending) >= self.settings.queue_frames:
+            self._room.clear()
+        self._wakeup.set()
+        return True
+
+    def has_room(self) -> bool:
+        return len(self.pending) < self.settings.queue_frames
+
+    async def wait_for_room(self) -> None:
+        while not self.has_room() and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    # ------------------------------------------------------------------ worker
+    async def _run(self) -> None:
+        try:
+            while True:
+                while not self.pending:
+                    self._drained.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                item = self.pending.popleft()
+                self._room.set()
+                await self._process(item)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # pragma: no cover - a bug; keep the replica serving the other streams
+            logger.exception("stream %s: worker failed", self.id)
+            self.events.publish("error", code="internal_error", message="the stream's worker failed")
+            self.status = "failed"
+
+    async def _process(self, item: Pending) -> None:
+        if item.window != self.window:
+            self._end_window("duration")
+            self._begin_window(item.window)
+        if self.window_final:
+            self.counters.skipped_after_exit += 1  # queued before the exit was known
+            return
+        try:
+            image = await self.hub.run_blocking(item.produce)
+        except PayloadError as error:
+            self.counters.drop("malformed")
+            self.counters.errors += 1
+            self.events.publish("error", code=error.code, message=str(error), frame_index=item.frame_index)
+            return
+        request = StepRequest(self.id, image, self.state)
+        try:
+            result = await self._step(request)
+        except StepFailed as error:
+            self.counters.errors += 1
+            self.events.publish("error", code="recognizer_failed", window=self.window,
+                                message=f"the recognizer failed on this window ({error}); the next window "
+                                        f"starts fresh")
+            self.window_final = True
+            self.windower.close(self.window)
+            self.hub.changed(self)
+            return
+        self._after_step(item, result)
+
+    async def _step(self, request: StepRequest) -> StepResult:
+        config = self.hub.config
+        deadline = time.monotonic() + config.failover_timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.wait_for(self.hub.step(request), timeout=config.step_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - classified below
+                if not _retriable(error) or time.monotonic() > deadline or self.closed:
+                    raise StepFailed(f"{type(error).__name__}: {error}") from error
+                attempt += 1
+                self.counters.retries += 1
+                if attempt == 1:
+                    self.events.publish("warning", code="recognizer_unavailable",
+                                        message=f"recognizer replica unavailable ({type(error).__name__}); "
+                                                f"resending the frame with the stream's state")
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+
+    def _begin_window(self, window: int) -> None:
+        self.window = window
+        self.window_steps = 0
+        self.window_macs = 0.0
+        self.window_final = False
+        self.state = None  # every window starts from the model's initial state
+        self.last_prediction = None
+        self.counters.windows += 1
+        self.hub.changed(self)
+
+    def _end_window(self, reason: str) -> None:
+        """Close a window whose frames stopped before T steps or an exit (its time ran out, the stream
+        ended): publish its result -- the last prediction -- as final."""
+        if self.window_final or self.window_steps == 0 or self.last_prediction is None:
+            self.window_final = True
+            return
+        self.window_final = True
+        final = dict(self.last_prediction, final=True, exited=False, reason=reason, latency_ms=None)
+        self.events.publish("prediction", **final)
+        self.hub.changed(self)
+
+    def _after_step(self, item: Pending, result: StepResult) -> None:
+        now = time.monotonic()
+        self.state = result.state
+        self.window_steps += 1
+        self.window_macs += result.macs
+        self.counters.steps += 1
+        self.counters.gflops_spent += result.macs / 1e9
+        self.fps_model.tick(now)
+        step = self.window_steps - 1
+        choice = self.choice
+        frames = self.settings.window.frames
+        policy = choice.policy(frames)
+        probs = softmax(result.logits)
+        exited = bool(policy.should_exit(_as_tensor(result.logits), step).item()) and self.window_steps < frames
+        final = exited or self.window_steps >= frames
+        reason = ("exit" if exited else "frames") if final else None
+        if final:
+            self.window_final = True
+            self.windower.close(item.window)
+            if exited:
+                self.counters.exits += 1
+                saved = (frames - self.window_steps) * self.hub.step_macs / 1e9
+                self.counters.gflops_saved += saved
+            self.state = None
+            self.hub.changed(self)
+        latency = (now - item.received) * 1e3
+        self.latencies.append(latency)
+        self.new_latencies.append(latency)
+        k = min(self.settings.top_k, probs.shape[0])
+        top = np.argsort(-probs)[:k]
+        classes = self.hub.classes
+        prediction = {
+            "window": item.window, "step": step, "frame_index": item.frame_index,
+            "stream_time": round(item.stream_time, 3),
+            "top_k": [{"label": classes[i] if i < len(classes) else str(i), "index": int(i),
+                       "prob": round(float(probs[i]), 5)} for i in top],
+            "exited": exited, "final": final, "reason": reason, "box": result.box,
+            "gflops": round(self.window_macs / 1e9, 6), "stream_gflops": round(self.counters.gflops_spent, 6),
+            "budget": choice.budget, "latency_ms": round(latency, 2), "batch_size": result.batch_size,
+        }
+        self.last_prediction = prediction
+        if self.settings.emit == "steps" or final:
+            self.events.publish("prediction", **prediction)
+
+    # ------------------------------------------------------------------ lifecycle
+    def set_status(self, status: str, message: str = "") -> None:
+        self.status, self.status_message = status, message
+        self.hub.changed(self)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every queued frame has been processed."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def close(self, reason: str, status: str = "ended") -> None:
+        """End the stream: finish the current window, publish ``stream_ended``, stop the worker."""
+        if self.closed:
+            return
+        self.closed = True
+        self._worker.cancel()
+        try:
+            await self._worker
+        except asyncio.CancelledError:
+            pass
+        self._end_window("end")
+        if self.status not in ("failed",):
+            self.status = status
+        self.status_message = self.status_message or reason
+        self.events.publish("stream_ended", reason=reason, status=self.status, counters=self.counters.to_dict())
+        self.events.end()
+        self._room.set()
+        for callback in self.on_close:
+            callback(self)
+
+    # ------------------------------------------------------------------ reporting
+    def latency_percentiles(self) -> dict[str, float | None]:
+        if not self.latencies:
+            return {"p50": None, "p99": None}
+        values = np.fromiter(self.latencies, dtype=np.float64)
+        return {"p50": round(float(np.percentile(values, 50)), 2), "p99": round(float(np.percentile(values, 99)), 2)}
+
+    def summary(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "stream_id": self.id, "kind": self.kind, "status": self.status, "message": self.status_message,
+            "connected": self.connected, "source": self.source.get("url"), "created": round(self.created, 3),
+            "idle_s": round(now - self.last_activity, 3), "settings": self.settings.to_dict(),
+            "budget": self.choice.to_dict(), "window": self.window, "window_steps": self.window_steps,
+            "fps_in": round(self.fps_in.rate(now), 2), "fps_model": round(self.fps_model.rate(now), 2),
+            "latency_ms": self.latency_percentiles(), "counters": self.counters.to_dict(),
+            "events": {"last_seq": self.events.seq},
+        }
+
+    def record(self, owner: str) -> dict[str, Any]:
+        """What the directory keeps so another replica can take the stream over."""
+        return {"stream_id": self.id, "kind": self.kind, "owner": owner, "source": self.source,
+                "settings": self.settings.to_dict(), "window": self.window, "steps": self.window_steps,
+                "final": self.window_final, "frames": self.frame_offset + self.counters.frames_received,
+                "stream_time": self.clock.last, "status": self.status, "message": self.status_message,
+                "connected": self.connected, "counters": self.counters.to_dict(), "updated": time.time(),
+                "closed": self.closed}
+
+
+def _as_tensor(logits: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.asarray(logits, dtype=np.float32)).unsqueeze(0)
+
+
+def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int | None = None,
+                   window_seconds: float | None = None, budget: str | float | None = None, top_k: int | None = None,
+                   emit: str | None = None, drop_policy: str | None = None, fps: float | None = None) -> StreamSettings:
+    """Per-stream settings from request parameters over the server defaults; raises ValueError."""
+    frames = window_frames if window_frames is not None else (config.window_frames or num_frames)
+    seconds = window_seconds if window_seconds is not None else config.window_seconds
+    if frames <= 0 or frames > 4 * num_frames:
+        raise ValueError(f"window_frames must be in 1..{4 * num_frames} (the model was trained on {num_frames})")
+    if seconds < 0 or seconds > 3600:
+        raise ValueError("window_seconds must be in 0..3600")
+    emit = emit or config.emit
+    if emit not in ("steps", "windows"):
+        raise ValueError("emit must be 'steps' or 'windows'")
+    drop_policy = drop_policy or config.drop_policy
+    if drop_policy not in ("drop_oldest", "drop_newest", "block"):
+        raise ValueError("drop_policy must be drop_oldest, drop_newest or block")
+    top_k = top_k if top_k is not None else config.top_k
+    if not 1 <= top_k <= 100:
+        raise ValueError("top_k must be in 1..100")
+    if fps is not None and not 0 < fps <= 1000:
+        raise ValueError("fps must be in (0, 1000]")
+    return StreamSettings(window=WindowSpec(int(frames), float(seconds)),
+                          budget=None if budget is None else str(budget), top_k=int(top_k), emit=emit,
+                          drop_policy=drop_policy, queue_frames=config.queue_frames, fps=fps)
+
+
+__all__ = ["StreamSession", "StreamSettings", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
+           "TokenBucket", "RateMeter"]
