@@ -21,8 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from adaptive.interface import IMAGENET_MEAN, IMAGENET_STD  # the models' normalisation, one definition
 
 
 @dataclass(frozen=True)

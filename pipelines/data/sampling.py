@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from adaptive.sampling import coarse_to_fine_order as _model_order
+
 
 def frame_window(num_frames: int, fps: float, start: float | None = None, end: float | None = None) -> tuple[int, int]:
     """The ``[first, last)`` frame range of the time window ``[start, end)`` seconds.
@@ -65,26 +67,11 @@ def segment_indices(first: int, last: int, num_samples: int, *, training: bool,
 def coarse_to_fine_order(num_samples: int) -> np.ndarray:
     """A permutation of ``range(num_samples)``: middle first, then quarters, eighths, ...
 
-    Positions are visited by increasing binary depth of the dyadic grid ``(2k+1) / 2^d``, each depth
-    left to right, each grid point mapped to the position whose segment holds it (skipped if used). For ``T=8`` this
-    gives ``[4, 2, 6, 1, 3, 5, 7, 0]``: after ``t`` steps the model has seen the video at ~``t``
-    evenly spread moments.
+    The model library owns the definition (:func:`adaptive.sampling.coarse_to_fine_order`), so the
+    order the data path produces is the order the models were designed for. ``T=8`` gives
+    ``[4, 2, 6, 1, 3, 5, 7, 0]``.
     """
-    order: list[int] = []
-    used = np.zeros(num_samples, dtype=bool)
-    depth = 1
-    while len(order) < num_samples:
-        for k in range(2 ** (depth - 1)):
-            # Position i covers the segment [i/T, (i+1)/T) of the clip; take the one holding the point.
-            position = min(int((2 * k + 1) * num_samples // 2 ** depth), num_samples - 1)
-            if not used[position]:
-                used[position] = True
-                order.append(position)
-        depth += 1
-        if 2 ** (depth - 1) > 4 * num_samples:  # every position is reachable well before this
-            order.extend(int(i) for i in np.flatnonzero(~used))
-            break
-    return np.asarray(order, dtype=np.int64)
+    return np.asarray(_model_order(num_samples), dtype=np.int64)
 
 
 def sample_clip_indices(num_frames: int, fps: float, num_samples: int, *, training: bool,

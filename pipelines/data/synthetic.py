@@ -9,11 +9,12 @@ construction (see ``docs/synthetic_benchmark.md`` for the reasoning and measurem
 ``appearance`` task
     The class is a luma texture ("glyph") on the face of one small target object. The glyph is made
     of ``cell_px``-wide cells (period ``2 * cell_px``) in a pattern whose every ``2*cell_px``-square
-    box average is the same, so a 4x area-downsampled glance sees a flat grey face for *every* class,
-    while the object itself is easy to find at low resolution by its saturated red ring. Distractor
-    objects carry glyphs of *other* classes behind rings of other colours, over a scrolling,
-    cluttered background. The glyph is legible only in a per-video share of the frames (10-90 %,
-    written to the manifest); in the other frames the face is blank.
+    box average is the same, so a 4x area-downsampled glance sees a flat grey face for *every* class
+    -- up to a faint leak at the face's border, which a contrast taper weakens and a random, smooth
+    shading of the object buries -- while the object itself is easy to find at low resolution by its
+    saturated red ring. Distractor objects carry glyphs of *other* classes behind rings of other
+    colours, over a scrolling, cluttered background. The glyph is legible only in a per-video share
+    of the frames (10-90 %, written to the manifest); in the other frames the face is blank.
 
 ``motion`` task
     The class is the target's trajectory (left->right, right->left, down, up, clockwise, ...). Every
@@ -68,28 +69,31 @@ __all__ = [
     "drift_trajectory",
     "edge_taper",
     "encode_video",
-    "object_shading",
     "generate_benchmark",
     "glyph_pattern",
     "glyph_period_px",
     "legibility_mask",
     "make_video",
     "motion_trajectory",
+    "object_shading",
     "pick_h264_encoder",
     "render_background_texture",
     "render_frame",
     "render_frames",
     "render_object_sprites",
+    "sample_legible_fraction",
     "shading_basis",
     "write_manifest",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the rendering changes, so :func:`generate_benchmark` regenerates old output."""
 
 TASKS = ("appearance", "motion")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                "veryslow", "placebo")
 
 # --------------------------------------------------------------------------------------------------
 # Class definitions
@@ -215,6 +219,8 @@ class BenchmarkParams:
             raise ValueError("cell_px must be >= 1")
         if not 0 <= self.crf <= 51:
             raise ValueError("crf must be in 0..51")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"preset must be one of {X264_PRESETS}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,7 +256,7 @@ def assign_labels_and_splits(params: BenchmarkParams) -> list[tuple[int, str]]:
     for c in range(params.classes):
         members = np.flatnonzero(labels == c)
         n = len(members)
-        cuts = [int(round(b * n)) for b in bounds]
+        cuts = [int(round(b * n)) for b in bounds[:-1]] + [n]
         for rank, idx in enumerate(members):
             splits[idx] = SPLITS[next(k for k, cut in enumerate(cuts) if rank < cut)]
     return [(int(label), split) for label, split in zip(labels, splits)]
@@ -624,7 +630,7 @@ def _make_object(
                        phase=phase, ring=ring_name, ring_px=ring_px)
 
 
-def _make_shapes(rng: np.random.Generator, size: int, frames: int) -> list[Shape]:
+def _make_shapes(rng: np.random.Generator, size: int) -> list[Shape]:
     """4-8 muted rectangles/ellipses of 0.05-0.3 * size drifting at up to 1.5 px/frame."""
     shapes = []
     for _ in range(int(rng.integers(4, 9))):
@@ -657,24 +663,27 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
     velocity = rng_bg.uniform(-1.5, 1.5, size=2) * s / 128
     bg_offsets = np.mod(np.rint(np.arange(n_t)[:, None] * velocity[None, :]), s).astype(np.int64)
 
-    shapes = _make_shapes(rng_shapes, s, n_t)
+    shapes = _make_shapes(rng_shapes, s)
     speed = (0.4 * s / 128, 1.2 * s / 128)
 
+    def drift(rng: np.random.Generator) -> Callable[[float, float], np.ndarray]:
+        return lambda lo, hi: drift_trajectory(rng, n_t, lo, hi, speed)
+
+    def moving_like(cls: int, rng: np.random.Generator) -> Callable[[float, float], np.ndarray]:
+        return lambda lo, hi: motion_trajectory(cls, rng, n_t, lo, hi)
+
     if params.task == "appearance":
-        fraction = sample_legible_fraction(rng_look)
-        legible = legibility_mask(rng_look, n_t, fraction)
+        legible = legibility_mask(rng_look, n_t, sample_legible_fraction(rng_look))
         target = _make_object(rng_look, params, APPEARANCE_CLASSES[label], "red", TARGET_RING,
-                              lambda lo, hi: drift_trajectory(rng_path, n_t, lo, hi, speed),
-                              legible)
+                              drift(rng_path), legible)
         legible_fraction = float(legible.mean())
     else:
-        # The look (glyph, size, grey, legibility) is drawn without the label: the class lives
-        # only in the path.
+        # The look (glyph, size, grey, legibility, shading) is drawn without the label: the class
+        # lives only in the path.
         glyph = APPEARANCE_CLASSES[int(rng_look.integers(len(APPEARANCE_CLASSES)))]
         legible = legibility_mask(rng_look, n_t, sample_legible_fraction(rng_look))
         target = _make_object(rng_look, params, glyph, "red", TARGET_RING,
-                              lambda lo, hi: motion_trajectory(label, rng_path, n_t, lo, hi),
-                              legible)
+                              moving_like(label, rng_path), legible)
         legible_fraction = 1.0  # the class (the motion) is visible in every frame
 
     distractors = []
@@ -686,12 +695,11 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
             # A glyph of another class: reading the wrong object gives a confident wrong answer.
             others = [c for c in range(len(names)) if c != label]
             spec = APPEARANCE_CLASSES[others[int(rng_distract.integers(len(others)))]]
-            path = lambda lo, hi: drift_trajectory(rng_distract, n_t, lo, hi, speed)  # noqa: E731
+            path = drift(rng_distract)
         else:
             # Distractors move like random classes, so "something moves left" says nothing.
             spec = APPEARANCE_CLASSES[int(rng_distract.integers(len(APPEARANCE_CLASSES)))]
-            other_label = int(rng_distract.integers(len(names)))
-            path = lambda lo, hi, c=other_label: motion_trajectory(c, rng_distract, n_t, lo, hi)  # noqa: E731
+            path = moving_like(int(rng_distract.integers(len(names))), rng_distract)
         distractors.append(_make_object(rng_distract, params, spec, ring, DISTRACTOR_RINGS[ring],
                                         path, mask))
 
@@ -769,16 +777,19 @@ def encode_video(frames: Iterable[np.ndarray], path: str | Path, params: Benchma
                  encoder: str | None = None) -> None:
     """Encode RGB uint8 frames to an H.264/yuv420p ``.mp4`` at ``path`` (atomically).
 
-    One x264 thread per video: the parallelism is across videos, and single-threaded x264 together
-    with ``+bitexact`` muxing makes the bytes reproducible. ``+faststart`` puts the index first so
-    readers on object stores (s3://) can start decoding without fetching the tail.
+    One x264 thread per video: the parallelism is across videos, and single-threaded x264 without
+    MB-tree, with ``+bitexact`` muxing, makes the bytes reproducible. ``+faststart`` puts the index
+    first so readers on object stores (s3://) can start decoding without fetching the tail.
     """
     import av
 
     path = Path(path)
     encoder = encoder or pick_h264_encoder()
     tmp = path.with_name(f".{path.name}.tmp")
-    options = {"preset": params.preset, "crf": str(params.crf), "threads": "1"}
+    # mbtree=0: with MB-tree on, the bundled libx264 gave different bytes (and pixels) for the same
+    # input depending on what the process had encoded before; without it, output is reproducible.
+    options = {"preset": params.preset, "crf": str(params.crf), "threads": "1",
+               "x264-params": "mbtree=0"}
     if encoder == "libopenh264":  # no crf; a generous bitrate keeps fine luma detail
         options = {"b": str(40 * params.size * params.size), "threads": "1"}
     with av.open(str(tmp), "w", format="mp4",
