@@ -75,10 +75,14 @@ class OptimConfig:
     epochs: int = 6
     batch_size: int = 16
     """Per worker."""
+    optimizer: str = "auto"
+    """``sgd`` (appendix B.2, for ImageNet-initialised backbones), ``adamw`` (networks trained from
+    scratch: at the paper's fine-tuning rates SGD barely moves them), or ``auto``: AdamW for the
+    ``tiny`` preset, SGD otherwise."""
     momentum: float = 0.9
     lr_scale: float = 1.0
     """Multiplies every component's learning rate (linear scaling with the global batch)."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.25
     amp: str = "auto"
     """``auto`` (bf16 autocast on CUDA), ``on`` or ``off``."""
     grad_clip: float = 0.0

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crf", type=int, default=18, help="libx264 constant rate factor")
     parser.add_argument("--preset", default="veryfast", help="libx264 preset")
     parser.add_argument("--gop", type=int, default=16, help="keyframe interval in frames")
+    parser.add_argument("--distractors", choices=("neutral", "other_classes"), default="neutral",
+                        help="glyphs on distractor objects: non-class patterns (default) or other classes' "
+                             "(a much harder relational task)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (does not change the output)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = generate_benchmark(
             args.out, videos=args.videos, frames=args.frames, size=args.size, seed=args.seed,
             task=args.task, classes=args.classes, fps=args.fps, cell_px=args.cell, crf=args.crf,
-            preset=args.preset, gop=args.gop, workers=args.workers, force=args.force, log=log,
+            preset=args.preset, gop=args.gop, distractor_glyphs=args.distractors, workers=args.workers, force=args.force, log=log,
         )
     except ValueError as exc:  # bad parameters: a clear message, not a traceback
         print(f"make_benchmark: error: {exc}", file=sys.stderr)

@@ -86,7 +86,7 @@ __all__ = [
     "write_manifest",
 ]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bump when the rendering changes, so :func:`generate_benchmark` regenerates old output."""
 
 TASKS = ("appearance", "motion")
@@ -203,6 +203,14 @@ class BenchmarkParams:
     preset: str = "veryfast"
     gop: int = 16
     """Keyframe interval in frames (1 s at 16 fps) so decoders can seek inside a video."""
+    object_scale: float = 1.0
+    """Object width as a multiple of the default ~0.15-0.19 of the frame side."""
+    distractor_glyphs: str = "neutral"
+    """Appearance task: ``neutral`` distractors wear glyphs of the defined patterns that are not
+    classes here (blank faces when every pattern is a class), so reading the wrong object says
+    nothing; ``other_classes`` gives them glyphs of other classes, so reading the wrong object gives a
+    confident wrong answer (a much harder relational task: from-scratch tiny models on 2 CPU cores
+    do not learn it in minutes)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` for parameters that cannot produce a valid benchmark."""
@@ -221,6 +229,8 @@ class BenchmarkParams:
             raise ValueError("crf must be in 0..51")
         if self.preset not in X264_PRESETS:
             raise ValueError(f"preset must be one of {X264_PRESETS}")
+        if self.distractor_glyphs not in ("neutral", "other_classes"):
+            raise ValueError("distractor_glyphs must be 'neutral' or 'other_classes'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -585,14 +595,14 @@ class Scene:
     legible_fraction: float
 
 
-def _geometry(size: int, cell_px: int) -> tuple[int, tuple[int, int]]:
-    """Ring width and the range of face sizes (in cells) so objects are ~0.15-0.19 * size wide.
+def _geometry(size: int, cell_px: int, scale: float = 1.0) -> tuple[int, tuple[int, int]]:
+    """Ring width and the range of face sizes (in cells) so objects are ~(0.15-0.19) * scale * size wide.
 
-    At size 128: a 3-px ring around a 14-18 px face (7-9 cells of 2 px), i.e. 20-24 px objects.
+    At size 128, scale 1: a 3-px ring around a 14-18 px face (7-9 cells of 2 px), i.e. 20-24 px objects.
     """
     ring_px = max(2, round(size / 48))
-    lo = max(3, math.ceil((0.15 * size - 2 * ring_px) / cell_px))
-    hi = max(lo, math.floor((0.19 * size - 2 * ring_px) / cell_px))
+    lo = max(3, math.ceil((0.15 * scale * size - 2 * ring_px) / cell_px))
+    hi = max(lo, math.floor((0.19 * scale * size - 2 * ring_px) / cell_px))
     return ring_px, (lo, hi)
 
 
@@ -611,7 +621,7 @@ def _make_object(
     object inside the central 80 % of the frame, which an evaluation centre crop of 0.875 * size
     always keeps.
     """
-    ring_px, (n_lo, n_hi) = _geometry(params.size, params.cell_px)
+    ring_px, (n_lo, n_hi) = _geometry(params.size, params.cell_px, params.object_scale)
     face_px = int(rng.integers(n_lo, n_hi + 1)) * params.cell_px
     period = glyph_period_px(glyph_spec, params.cell_px)
     phase = (int(rng.integers(period[0])), int(rng.integers(period[1])))
@@ -692,9 +702,17 @@ def build_scene(params: BenchmarkParams, index: int, label: int) -> Scene:
         ring = ring_names[int(rng_distract.integers(len(ring_names)))]
         mask = legibility_mask(rng_distract, n_t, float(rng_distract.uniform(0.1, 0.9)))
         if params.task == "appearance":
-            # A glyph of another class: reading the wrong object gives a confident wrong answer.
-            others = [c for c in range(len(names)) if c != label]
-            spec = APPEARANCE_CLASSES[others[int(rng_distract.integers(len(others)))]]
+            if params.distractor_glyphs == "other_classes":
+                # A glyph of another class: reading the wrong object gives a confident wrong answer.
+                pool = [APPEARANCE_CLASSES[c] for c in range(len(names)) if c != label]
+            else:
+                # A pattern of the same family that is no class here: looking there says nothing.
+                pool = list(APPEARANCE_CLASSES[len(names):])
+            if pool:
+                spec = pool[int(rng_distract.integers(len(pool)))]
+            else:  # every pattern is a class: a neutral distractor shows a blank face
+                spec = APPEARANCE_CLASSES[0]
+                mask = np.zeros_like(mask)
             path = drift(rng_distract)
         else:
             # Distractors move like random classes, so "something moves left" says nothing.
@@ -913,6 +931,8 @@ def generate_benchmark(
     crf: int = 18,
     preset: str = "veryfast",
     gop: int = 16,
+    object_scale: float = 1.0,
+    distractor_glyphs: str = "neutral",
     workers: int | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
@@ -926,7 +946,7 @@ def generate_benchmark(
     """
     params = BenchmarkParams(videos=videos, frames=frames, size=size, seed=seed, task=task,
                              classes=classes, fps=fps, cell_px=cell_px, crf=crf, preset=preset,
-                             gop=gop)
+                             gop=gop, object_scale=object_scale, distractor_glyphs=distractor_glyphs)
     params.validate()
     out = Path(out_dir)
     log = log or (lambda _msg: None)

@@ -70,6 +70,14 @@ class StepEngine:
         self.device = torch.device(device)
         self.replica = replica
         self._fresh: dict[str, torch.Tensor] = {k: v.to("cpu") for k, v in model.init_state(1, self.device).items()}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throw-away step, so the first stream does not pay for lazy initialisation (allocator,
+        kernel selection, FLOP counting)."""
+        size = int(getattr(self.model, "input_size", 0) or 0)
+        if size:
+            self.run([StepRequest("warm-up", np.zeros((size, size, 3), dtype=np.uint8))])
 
     @torch.inference_mode()
     def run(self, requests: list[StepRequest]) -> list[StepResult]:
@@ -93,7 +101,7 @@ class StepEngine:
         return [r for r in results if r is not None]
 
     def _step(self, batch: list[StepRequest], states: list[StateArrays | None]) -> list[StepResult]:
-        frames = to_model_input(np.stack([r.frame for r in batch]), self.device)
+        frames = to_model_input(np.stack([r.frame for r in batch]), self.device)  # stack copies
         state = stack_states([self._state_tensors(s) for s in states])
         out = self.model.step(frames, state)
         logits = out.logits.float().to("cpu").numpy()
@@ -110,4 +118,5 @@ class StepEngine:
             return {k: v.to(self.device) for k, v in self._fresh.items()}
         if state.keys() != self._fresh.keys():
             raise ValueError(f"state keys {sorted(state)} do not match the model's {sorted(self._fresh)}")
-        return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in state.items()}
+        # torch.tensor copies: arrays that came through Ray's object store are read-only.
+        return {k: torch.tensor(np.asarray(v), device=self.device) for k, v in state.items()}

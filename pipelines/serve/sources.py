@@ -31,8 +31,13 @@ logger = logging.getLogger(__name__)
 
 LIVE_SCHEMES = frozenset({"udp", "tcp", "rtp", "rtsp", "rtsps", "srt", "rtmp"})
 
-# Low-latency demuxing: probe little (a live stream has no index to find), do not buffer ahead.
-LIVE_OPTIONS = {"fflags": "nobuffer", "probesize": "500000", "analyzeduration": "1000000"}
+# Low-latency demuxing: probe little (a live stream has no index to find). Not ``fflags=nobuffer``:
+# it throws away the packets read while probing -- the first keyframe with them -- and a stream whose
+# keyframes are rare then decodes nothing for a whole GOP (or at all).
+LIVE_OPTIONS = {"probesize": "200000", "analyzeduration": "500000"}
+# Pushed MPEG-TS: the chunks arrive at the stream's own rate, so every byte probed is latency; the
+# H.264 decoder finds its parameters in-band anyway.
+PIPE_OPTIONS = {"probesize": "32768", "analyzeduration": "0"}
 # UDP: keep reading when the socket buffer overruns (drop packets, like a live receiver must).
 UDP_OPTIONS = {"overrun_nonfatal": "1", "fifo_size": "278876", "buffer_size": "4194304"}
 
@@ -156,23 +161,23 @@ class SourceReader(threading.Thread):
         self.reconnect_attempts = reconnect_attempts
         self.exhausted = exhausted
         """For pushed chunks: True once the client has finished and everything was read."""
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.attempt_frames = 0
         self.frames_decoded = 0
         self.errors: list[str] = []
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     @property
     def stopped(self) -> bool:
-        return self._stop.is_set()
+        return self._halt.is_set()
 
     def run(self) -> None:
         failures = 0
         delay = self.reconnect_initial_s
         status = "connecting"
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self._on_status(status, "", failures)
             status = "reconnecting"
             self.attempt_frames = 0
@@ -186,7 +191,7 @@ class SourceReader(threading.Thread):
                 error_message = _describe(error)
                 self.errors.append(error_message)
                 logger.info("source %s: %s", self.name, error_message)
-            if self._stop.is_set():
+            if self._halt.is_set():
                 return
             if self.exhausted is not None and self.exhausted():
                 self._on_status("ended", "the client finished the stream", failures)
@@ -212,7 +217,7 @@ class SourceReader(threading.Thread):
                     self._on_status("failed", f"gave up after {failures} failed attempts"
                                     + (f": {error_message}" if error_message else ""), failures)
                     return
-            self._stop.wait(delay)
+            self._halt.wait(delay)
             delay = min(delay * 2, self.reconnect_max_s)
 
     def _read_once(self) -> None:
@@ -231,7 +236,7 @@ class SourceReader(threading.Thread):
             wall0: float | None = None
             media0: float | None = None
             for frame in container.decode(stream):
-                if self._stop.is_set():
+                if self._halt.is_set():
                     break
                 if frame.width * frame.height > self.max_pixels:
                     raise SourceError(f"frame of {frame.width}x{frame.height} exceeds the limit of "
@@ -244,14 +249,14 @@ class SourceReader(threading.Thread):
                         wall0, media0 = now, media_time
                     ahead = (media_time - media0) - (now - wall0)
                     if ahead > 0:
-                        if self._stop.wait(ahead):
+                        if self._halt.wait(ahead):
                             break
                     elif ahead < -1.0:
                         wall0, media0 = now, media_time  # fell far behind: do not rush to catch up
                 self.attempt_frames += 1
                 self.frames_decoded += 1
                 while not self._on_frame(SourceFrame(frame, media_time, fps)):
-                    if self._stop.wait(0.01):  # ``block`` policy: wait for room
+                    if self._halt.wait(0.01):  # ``block`` policy: wait for room
                         break
 
 
@@ -276,7 +281,7 @@ def open_pipe(pipe: ChunkPipe) -> Callable[[], Any]:
     """An opener for pushed MPEG-TS chunks."""
 
     def opener() -> Any:
-        return av.open(pipe, mode="r", format="mpegts", options=dict(LIVE_OPTIONS), metadata_errors="ignore")
+        return av.open(pipe, mode="r", format="mpegts", options=dict(PIPE_OPTIONS), metadata_errors="ignore")
 
     return opener
 

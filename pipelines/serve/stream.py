@@ -87,6 +87,7 @@ class Pending:
     slot: int
     frame_index: int
     stream_time: float
+    pts: float | None  # the frame's own media timestamp (as the source/client gave it), if any
     received: float  # time.monotonic() when the frame arrived
     produce: Callable[[], np.ndarray]  # -> uint8 [crop, crop, 3]; runs in a worker thread
 
@@ -192,6 +193,8 @@ class StreamSession:
 
     def __init__(self, hub: Hub, stream_id: str, kind: str, settings: StreamSettings, *,
                  source: dict[str, Any] | None = None, resume: dict[str, Any] | None = None) -> None:
+        """``source``: the pull request's body (``{"source": url, ...}``); ``resume``: the directory's
+        record of this stream when another replica served it before (numbering continues from it)."""
         self.hub = hub
         self.id = stream_id
         self.kind = kind
@@ -202,6 +205,9 @@ class StreamSession:
         self.status_message = ""
         self.counters = Counters()
         self.events = EventLog(stream_id, hub.config.event_buffer)
+        # Event numbers continue across replicas, so an SSE client's Last-Event-ID stays meaningful.
+        self.events.seq = int((resume or {}).get("seq", 0))
+        self.first_seq = self.events.seq
         self.clock = StreamClock(max_gap=5.0)
         self.arrival_clock = StreamClock(max_gap=math.inf)
         self.fps_in = RateMeter()
@@ -233,12 +239,13 @@ class StreamSession:
         self._room.set()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._in_step = False
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"stream-{stream_id}")
         self.on_close: list[Callable[["StreamSession"], None]] = []
 
         self.events.publish("stream_started", kind=kind, window_frames=settings.window.frames,
                             window_seconds=settings.window.seconds, budget=self.choice.to_dict(),
-                            source=self.source.get("url"), resumed=resume is not None)
+                            source=self.source.get("source"), resumed=resume is not None)
         if restarted is not None:
             self.counters.restarts += 1
             self.events.publish("window_restarted", window=restarted["window"], lost_steps=restarted["steps"],
@@ -257,8 +264,10 @@ class StreamSession:
         window = int(record.get("window", -1))
         if window < 0:
             return 0, None
-        if record.get("steps", 0) > 0 and not record.get("final", False):
-            return window, {"window": window, "steps": int(record["steps"])}
+        if not record.get("final", False):
+            # The window was in progress (the record may be a moment behind on its steps): its
+            # recurrent state died with the replica, so it starts again from its first frame.
+            return window, {"window": window, "steps": int(record.get("steps", 0))}
         return window + 1, None
 
     # ------------------------------------------------------------------ budget
@@ -304,12 +313,18 @@ class StreamSession:
                 return False
             self.pending.popleft()  # drop_oldest: stay live
             self.counters.drop("queue_full")
-        self.pending.append(Pending(admission.window, admission.slot, index, t, received, produce))
+        self.pending.append(Pending(admission.window, admission.slot, index, t, media_time, received, produce))
         self._drained.clear()
         if len(self.pending) >= self.settings.queue_frames:
             self._room.clear()
         self._wakeup.set()
         return True
+
+    @property
+    def busy(self) -> bool:
+        """Frames are waiting or being stepped: the stream is not idle, whatever its source does
+        (a blocked client, a recognizer being replaced)."""
+        return bool(self.pending) or self._in_step
 
     def has_room(self) -> bool:
         return len(self.pending) < self.settings.queue_frames
@@ -329,7 +344,12 @@ class StreamSession:
                     await self._wakeup.wait()
                 item = self.pending.popleft()
                 self._room.set()
-                await self._process(item)
+                self._in_step = True
+                try:
+                    await self._process(item)
+                finally:
+                    self._in_step = False
+                    self.last_activity = time.monotonic()
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug; keep the replica serving the other streams
@@ -440,6 +460,7 @@ class StreamSession:
         prediction = {
             "window": item.window, "step": step, "frame_index": item.frame_index,
             "stream_time": round(item.stream_time, 3),
+            "pts": None if item.pts is None else round(item.pts, 4),
             "top_k": [{"label": classes[i] if i < len(classes) else str(i), "index": int(i),
                        "prob": round(float(probs[i]), 5)} for i in top],
             "exited": exited, "final": final, "reason": reason, "box": result.box,
@@ -493,7 +514,7 @@ class StreamSession:
         now = time.monotonic()
         return {
             "stream_id": self.id, "kind": self.kind, "status": self.status, "message": self.status_message,
-            "connected": self.connected, "source": self.source.get("url"), "created": round(self.created, 3),
+            "connected": self.connected, "source": self.source.get("source"), "created": round(self.created, 3),
             "idle_s": round(now - self.last_activity, 3), "settings": self.settings.to_dict(),
             "budget": self.choice.to_dict(), "window": self.window, "window_steps": self.window_steps,
             "fps_in": round(self.fps_in.rate(now), 2), "fps_model": round(self.fps_model.rate(now), 2),
@@ -514,7 +535,7 @@ class StreamSession:
 def _as_tensor(logits: np.ndarray) -> Any:
     import torch
 
-    return torch.from_numpy(np.asarray(logits, dtype=np.float32)).unsqueeze(0)
+    return torch.tensor(np.asarray(logits, dtype=np.float32)).unsqueeze(0)
 
 
 def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int | None = None,

@@ -51,8 +51,9 @@ class Windower:
     records that the window's result is known (exit rule fired), so the rest of its frames are skipped.
     """
 
-    # A frame up to a quarter interval early still takes the slot: timestamps of a 25 fps source do
-    # not fall exactly on a 0.25 s grid, and waiting for the next frame would skew the sampling.
+    # A frame slightly early still takes the slot -- the frame nearest the slot's time, i.e. up to half
+    # a source frame early (and never more than a quarter interval): timestamps of a 25 fps source do
+    # not fall on a 0.25 s grid, and waiting for the next frame would skew the sampling late.
     EARLY_TOLERANCE = 0.25
 
     def __init__(self, spec: WindowSpec, first_window: int = 0) -> None:
@@ -66,6 +67,8 @@ class Windower:
         self.seen = 0  # frames offered in the current window (frame-count windows)
         self.next_due = 0.0
         self.closed = False
+        self.last_t: float | None = None
+        self.frame_gap = 0.0  # running estimate of the source's frame interval
 
     def _open(self, t: float) -> None:
         self.window += 1
@@ -80,6 +83,10 @@ class Windower:
         spec = self.spec
         if spec.seconds <= 0:
             return self._admit_by_count(t)
+        if self.last_t is not None and t > self.last_t:
+            gap = t - self.last_t
+            self.frame_gap = gap if self.frame_gap == 0 else 0.9 * self.frame_gap + 0.1 * gap
+        self.last_t = t
         if not self.started:
             self._open(t)
         elif t >= self.start + spec.seconds:
@@ -90,7 +97,10 @@ class Windower:
         if self.closed or self.slots >= spec.frames:
             return None
         interval = spec.interval
-        if t < self.next_due - self.EARLY_TOLERANCE * interval:
+        early = self.EARLY_TOLERANCE * interval
+        if self.frame_gap > 0:
+            early = min(early, 0.5 * self.frame_gap + 1e-9)
+        if t < self.next_due - early:
             return None
         admission = Admission(self.window, self.slots)
         self.slots += 1

@@ -50,14 +50,26 @@ def build_method(config: TrainConfig, num_classes: int, method: str | None = Non
     return build_model(method, config.model.preset, num_classes=num_classes, **config.model.overrides)
 
 
+def optimizer_name(config: TrainConfig) -> str:
+    name = config.optim.optimizer
+    if name == "auto":
+        return "adamw" if config.model.preset == "tiny" else "sgd"
+    if name not in ("sgd", "adamw"):
+        raise ValueError(f"optim.optimizer must be sgd, adamw or auto, not {name!r}")
+    return name
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum over the model's per-component learning rates (AdaFocusV2 appendix B.2)."""
+    """The model's per-component learning rates (fG, fL, fC, pi; AdaFocusV2 appendix B.2) with SGD +
+    momentum, or AdamW for networks trained from scratch (see ``OptimConfig.optimizer``)."""
     weight_decay = getattr(getattr(model, "config", None), "weight_decay", 1e-4)
     groups = []
     for group in model.param_groups():
         group = dict(group)
         group["lr"] = group.get("lr", 0.01) * config.optim.lr_scale
         groups.append(group)
+    if optimizer_name(config) == "adamw":
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.optim.momentum, weight_decay=weight_decay)
 
 

@@ -1,0 +1,88 @@
+"""The ``Recognizer`` deployment: the registered model behind ``@serve.batch``.
+
+Each call is one frame of one stream with that stream's state (:class:`~pipelines.serve.engine.StepRequest`);
+``@serve.batch`` gathers the calls that arrive while the previous forward pass runs into the next one
+(``batch_wait_timeout_s = 0`` by default: opportunistic batching, so a lone stream never waits for
+company). The pass itself runs in a worker thread, so the replica keeps accepting and queueing the
+next batch meanwhile. Replicas are stateless with respect to streams; any number of them can serve,
+and Serve restarts (or autoscales) them without any stream noticing more than a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from pipelines.serve.config import ServeConfig
+from pipelines.serve.engine import StepEngine, StepRequest, StepResult
+
+logger = logging.getLogger("ray.serve")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def model_metadata(loaded: Any) -> dict[str, Any]:
+    """What the ingress needs to know about the model (no weights)."""
+    model = loaded.model
+    step_macs = float(model.flops_per_step(loaded.num_frames)[0]) if loaded.num_frames else 0.0
+    data = dict(loaded.data)
+    warnings = []
+    if data.get("coarse_to_fine"):
+        warnings.append("the model was trained with frames in coarse-to-fine order (data.coarse_to_fine=true); "
+                        "a live stream delivers them in natural order, so expect lower accuracy than reported")
+    return {"method": loaded.method, "classes": list(loaded.classes), "num_frames": int(loaded.num_frames),
+            "data": data, "input_size": int(model.input_size), "step_macs": step_macs, "exits": loaded.exits,
+            "streaming": bool(getattr(model, "streaming", True)), "warnings": warnings}
+
+
+@serve.deployment(name="Recognizer")
+class Recognizer:
+    """Loads the model from the MLflow registry once per replica and steps batches of streams."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        from pipelines.registry import load_registered_model
+
+        torch.set_num_threads(config.torch_threads)
+        self.config = config
+        device = resolve_device(config.device)
+        started = time.perf_counter()
+        loaded = load_registered_model(config.model_uri, tracking_uri=config.tracking_uri, device=device)
+        self.meta = model_metadata(loaded)
+        self.meta["model_uri"] = config.model_uri
+        for warning in self.meta["warnings"]:
+            logger.warning("Recognizer: %s", warning)
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.to_full_id_str()
+        self.engine = StepEngine(loaded.model, device, replica=self.replica)
+        # One thread: forward passes are serial on a replica; the event loop stays free to queue.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self.step.set_max_batch_size(config.max_batch_size)
+        self.step.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        from pipelines.serve.metrics import RecognizerMetrics
+
+        self.metrics = RecognizerMetrics()
+        logger.info("Recognizer %s: %s (%s, %d classes, T=%d) on %s in %.1f s", self.replica, config.model_uri,
+                    loaded.method, len(loaded.classes), loaded.num_frames, device, time.perf_counter() - started)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def step(self, requests: list[StepRequest]) -> list[StepResult]:
+        started = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.run, requests)
+        self.metrics.observe(len(requests), (time.perf_counter() - started) * 1e3)
+        return results
+
+    async def info(self) -> dict[str, Any]:
+        return dict(self.meta, replica=self.replica)
