@@ -10,7 +10,9 @@ dict that the user already has on disk (``BackboneConfig.weights``), read with
 ``torch.load(path, map_location="cpu", weights_only=True)``.  The key names are
 torchvision's (``features.*`` for MobileNetV2; ``conv1``/``bn1``/``layer1..4``
 for ResNet), so a file saved from ``torchvision.models.resnet50().state_dict()``
-loads as is; classifier keys (``classifier.*``, ``fc.*``) are ignored.
+loads as is; classifier keys (``classifier.*``, ``fc.*``) are ignored.  A file
+saved from the extractor itself (``encoder.state_dict()``, e.g. a trained
+truncated glance encoder) loads too.
 
 Tiny configuration (trains in minutes on 2 CPU cores):
 
@@ -146,6 +148,12 @@ def load_local_weights(module: nn.Module, path: str, ignore_prefixes: Sequence[s
     return dropped
 
 
+def _is_own_state_dict(module: nn.Module, path: str) -> bool:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    return set(own) == set(state) and all(own[k].shape == state[k].shape for k in own)
+
+
 # torchvision MobileNetV2 `features` index after which the total stride is 8/16/32.
 _MBV2_CUT = {8: 7, 16: 14, 32: 19}
 
@@ -168,8 +176,6 @@ class MobileNetV2Features(FeatureExtractor):
         if output_stride not in _MBV2_CUT:
             raise ValueError(f"output_stride must be one of {sorted(_MBV2_CUT)}, got {output_stride}")
         full = tv_mobilenet_v2(weights=None, width_mult=width_mult)
-        if weights is not None:
-            load_local_weights(full, weights, ignore_prefixes=("classifier.",))
         layers = list(full.features.children())[: _MBV2_CUT[output_stride]]
         channels = _last_channels(layers)
         if out_channels is not None and out_channels != channels:
@@ -185,6 +191,14 @@ class MobileNetV2Features(FeatureExtractor):
         self.features = nn.Sequential(*layers)
         self.out_channels = channels
         self.output_stride = output_stride
+        if weights is not None:
+            if _is_own_state_dict(self, weights):
+                # a file saved from this very extractor (e.g. a trained glance encoder)
+                load_local_weights(self, weights)
+            else:
+                # a torchvision MobileNetV2 state dict: load into the full network, whose
+                # modules ``self.features`` shares, before the truncated tail is dropped
+                load_local_weights(full, weights, ignore_prefixes=("classifier.",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -26,8 +26,16 @@ Data: ``--data DIR`` (default ``data/synthetic``) is generated with
 and decoded with ``pipelines.data.inmemory.load_clips`` (a minimal PyAV loader
 is used if that module is missing).
 
-    python benchmarks/adafocus_v2.py            # ~20 min on 2 cores
-    python benchmarks/adafocus_v2.py --quick    # a few minutes, smaller everything
+    python benchmarks/adafocus_v2.py            # ~20-25 min on 2 otherwise idle cores (estimate)
+    python benchmarks/adafocus_v2.py --quick    # ~5 min: 400 videos, 1+1 epochs (a smoke run)
+
+Training (AdamW, per-component learning rates from the config, warm-up + cosine)
+starts from scratch: the full-frame reference trains ``--pretrain-epochs`` +
+``--epochs``; its encoders after ``--pretrain-epochs`` are saved as local
+weight files and initialise every AdaFocusV2 model (our stand-in for the
+paper's ImageNet initialisation; ``--init scratch`` turns this off), which then
+trains ``--epochs``.  If the models end up near chance the script says so
+before the last line (``above_chance=false``).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,7 +158,52 @@ class ClipBank:
     def batch(self, items: torch.Tensor, training: bool, order: str, gen: torch.Generator | None = None):
         idx = self.frame_indices(len(items), training, order, gen)
         raw = self.clips[items[:, None], idx]  # [B, T, H, W, 3]
+        if training:  # horizontal flips keep every glyph class (the generator's "hflip_safe")
+            flip = torch.rand(len(items), generator=gen) < 0.5
+            raw[flip] = raw[flip].flip(3)
         return normalize_uint8_clip(raw), self.labels[items]
+
+
+def load_target_boxes(data_dir: Path, split: str, n_expected: int, video_frames: int = 32) -> torch.Tensor | None:
+    """Ground-truth target boxes (normalised xyxy) ``[N, video_frames, 4]`` from the generator's
+    annotations, in manifest order; ``None`` if unavailable or if the split's count differs
+    (a skipped video would misalign rows).  Used only to *diagnose* the policies."""
+    import csv
+
+    ann_path, man_path = data_dir / "annotations.jsonl", data_dir / "manifest.csv"
+    if not ann_path.exists() or not man_path.exists():
+        return None
+    with open(man_path) as f:
+        paths = [r["path"] for r in csv.DictReader(f) if r["split"] == split]
+    if len(paths) != n_expected:
+        return None
+    meta = json.loads((data_dir / "benchmark.json").read_text()) if (data_dir / "benchmark.json").exists() else {}
+    size = float(meta.get("size", meta.get("params", {}).get("size", 128)))
+    targets = {}
+    with open(ann_path) as f:
+        for line in f:
+            a = json.loads(line)
+            targets[a["path"]] = a["target"]
+    out = torch.zeros(len(paths), video_frames, 4)
+    for i, p in enumerate(paths):
+        tg = targets.get(p)
+        if tg is None or len(tg["top_left"]) != video_frames:
+            return None
+        tl = torch.tensor(tg["top_left"], dtype=torch.float32)
+        out[i] = torch.cat((tl, tl + tg["size"]), dim=1) / size
+    return out
+
+
+def target_in_patch(boxes: torch.Tensor, target_boxes: torch.Tensor, frame_idx: torch.Tensor) -> float:
+    """Share of (video, step) whose patch ``boxes [N, T, 4]`` contains the whole target object.
+
+    ``frame_idx [N, T]``: positions in the 2T decoded frames; decoded frame j is source frame
+    ``2j + 1`` (segment centres of a 4T-frame video, as the decoder samples in evaluation)."""
+    src = (2 * frame_idx + 1).clamp(max=target_boxes.shape[1] - 1)
+    tgt = target_boxes[torch.arange(len(boxes))[:, None], src]  # [N, T, 4]
+    inside = (boxes[..., 0] <= tgt[..., 0]) & (boxes[..., 1] <= tgt[..., 1]) & \
+             (boxes[..., 2] >= tgt[..., 2]) & (boxes[..., 3] >= tgt[..., 3])
+    return float(inside.double().mean())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +211,12 @@ class ClipBank:
 # --------------------------------------------------------------------------------------------------
 
 
-def train(model, bank: ClipBank, *, epochs: float, batch_size: int, order: str, seed: int, tag: str) -> dict:
-    """AdamW on the model's per-component parameter groups, linear warm-up + cosine decay."""
+def train(model, bank: ClipBank, *, epochs: float, batch_size: int, order: str, seed: int, tag: str,
+          snapshot_after: float | None = None, snapshot=None) -> dict:
+    """AdamW on the model's per-component parameter groups, linear warm-up + cosine decay.
+
+    ``snapshot(model)`` is called once after ``snapshot_after`` epochs (e.g. to take the
+    encoders that initialise AdaFocusV2)."""
     gen = torch.Generator().manual_seed(seed)
     wd = model.config.weight_decay
     opt = torch.optim.AdamW(model.param_groups(), weight_decay=wd)
@@ -186,22 +244,27 @@ def train(model, bank: ClipBank, *, epochs: float, batch_size: int, order: str, 
             for key, v in logs.items():
                 running[key] = 0.9 * running.get(key, v) + 0.1 * v
             step += 1
+            if snapshot is not None and step == max(1, int(round(snapshot_after * steps_per_epoch))):
+                snapshot(model)
             if step % max(1, total // 4) == 0 or step == total:
-                shown = " ".join(f"{k}={running[k]:.3f}" for k in ("loss", "acc", "centre_std") if k in running)
+                shown = " ".join(f"{k}={v:.3f}" for k, v in running.items())
                 log(f"  [{tag}] step {step}/{total} {shown} ({time.time() - t0:.0f} s)")
     model.eval()
     return {"train_seconds": time.time() - t0, "steps": total}
 
 
 @torch.no_grad()
-def predict(model, bank: ClipBank, order: str, batch_size: int = 64) -> torch.Tensor:
-    """Per-step logits ``[N, T, K]`` on the evaluation clips."""
+def predict(model, bank: ClipBank, order: str, batch_size: int = 64, with_boxes: bool = False):
+    """Per-step logits ``[N, T, K]`` on the evaluation clips (and patch boxes ``[N, T, 4]``)."""
     model.eval()
-    out = []
+    out, boxes = [], []
     for s in range(0, len(bank), batch_size):
         clips, _ = bank.batch(torch.arange(s, min(s + batch_size, len(bank))), False, order)
-        out.append(model(clips).logits.double())
-    return torch.cat(out)
+        o = model(clips)
+        out.append(o.logits.double())
+        if with_boxes:
+            boxes.append(o.extra["boxes"])
+    return (torch.cat(out), torch.cat(boxes)) if with_boxes else torch.cat(out)
 
 
 def acc_after(logits: torch.Tensor, labels: torch.Tensor, t: int) -> float:
@@ -265,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=int, default=2000, help="videos to generate if --data holds none")
     ap.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
     ap.add_argument("--size", type=int, default=112, help="frame side the model sees")
-    ap.add_argument("--epochs", type=float, default=4.0, help="epochs of the main model and the full-frame model")
+    ap.add_argument("--epochs", type=float, default=3.0, help="epochs of every AdaFocusV2 model")
+    ap.add_argument("--pretrain-epochs", type=float, default=3.0,
+                    help="epochs of the full-frame model before its encoders initialise AdaFocusV2")
+    ap.add_argument("--init", choices=("full_frame", "scratch"), default="full_frame",
+                    help="AdaFocusV2's encoder initialisation (the paper: ImageNet weights)")
     ap.add_argument("--ablation-epochs", type=float, default=None, help="epochs of Table 6/7 models (default: --epochs)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--time-batch", type=int, default=32, help="streams per batch when timing")
@@ -280,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data == ROOT / "data" / "synthetic":
             args.data = ROOT / "data" / "synthetic_quick"  # never regenerate the full benchmark's directory
         args.videos = min(args.videos, 400)
-        args.epochs = min(args.epochs, 2.0)
+        args.epochs = min(args.epochs, 1.0)
+        args.pretrain_epochs = min(args.pretrain_epochs, 1.0)
     ablation_epochs = args.ablation_epochs if args.ablation_epochs is not None else args.epochs
 
     torch.set_num_threads(args.threads)
@@ -311,54 +379,91 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, tag=tag)
         return model, info
 
-    # ---------------------------------------------------------------- main models
-    log("[train] AdaFocusV2 (all techniques, coarse-to-fine order)")
+    # ---------------------------------------------------------------- full-frame reference
+    # It trains for pretrain_epochs + epochs.  The paper starts fG and fL from ImageNet weights; we
+    # have none, so (with --init full_frame) the full-frame model's encoders after pretrain_epochs
+    # are saved as local weight files and initialise every AdaFocusV2 model, which then trains for
+    # `epochs` -- the same total number of epochs as the reference.
+    run_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp(prefix="adafocus_v2_"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = {"glance": run_dir / "glance_init.pth", "local": run_dir / "local_init.pth"}
+
+    def save_encoders(model) -> None:
+        torch.save(model.glance_encoder.state_dict(), weights["glance"])
+        torch.save(model.local_encoder.state_dict(), weights["local"])
+        log(f"  [full_frame] encoders saved to {run_dir} to initialise AdaFocusV2")
+
+    pre = args.pretrain_epochs if args.init == "full_frame" else 0.0
+    log(f"[train] full-frame reference (same encoders on whole frames), {pre + args.epochs:g} epochs")
+    ff_cfg = FullFrameConfig.matching(base)
+    torch.manual_seed(args.seed)
+    full_model = FullFrameModel(ff_cfg)
+    results["full_frame_train"] = train(full_model, train_bank, epochs=pre + args.epochs,
+                                        batch_size=args.batch_size, order="coarse_to_fine", seed=args.seed,
+                                        tag="full_frame", snapshot_after=pre if pre > 0 else None,
+                                        snapshot=save_encoders if pre > 0 else None)
+    if pre > 0:
+        base = dataclasses.replace(
+            base,
+            glance=dataclasses.replace(base.glance, weights=str(weights["glance"])),
+            local=dataclasses.replace(base.local, weights=str(weights["local"])),
+        )
+
+    # ---------------------------------------------------------------- AdaFocusV2
+    log(f"[train] AdaFocusV2 (all techniques, coarse-to-fine order), {args.epochs:g} epochs")
     main_model, info = fit(base, "coarse_to_fine", "adafocus_v2", args.epochs)
     results["adafocus_v2_train"] = info
-    log("[train] full-frame reference (same encoders on whole frames)")
-    ff_cfg = FullFrameConfig.matching(base)
-    full_model, info = fit(ff_cfg, "coarse_to_fine", "full_frame", args.epochs, FullFrameModel)
-    results["full_frame_train"] = info
 
     # ---------------------------------------------------------------- Table 7
-    table7 = {}
+    table7, hits = {}, {}
+    target_boxes = load_target_boxes(args.data, "test", len(test_bank), video_frames=4 * T)
+    eval_idx = test_bank.frame_indices(len(test_bank), False, "coarse_to_fine", None)
     if not args.skip_table7:
         for policy in ("random", "centre", "gaussian", "learned"):
             cfg = dataclasses.replace(base, policy=policy, reuse_global_feature=False)
             log(f"[train] Table 7: {policy} policy (fC on e^L only)")
             model, _ = fit(cfg, "coarse_to_fine", f"t7-{policy}", ablation_epochs)
-            logits = predict(model, test_bank, "coarse_to_fine")
+            logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
             table7[policy] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
+            if target_boxes is not None:
+                hits[policy] = target_in_patch(boxes, target_boxes, eval_idx)
             del model
         results["table7"] = table7
+        results["table7_target_in_patch"] = hits
 
     # ---------------------------------------------------------------- Table 6
+    # Rows add the techniques of section 3.3 one by one; the last row (all three) is the main model.
+    # All rows use the coarse-to-fine frame order and the same number of epochs.
     table6 = []
     if not args.skip_table6:
         rows = [
-            ("naive (Eq. 9)", dict(auxiliary_supervision=False, diversity_augmentation=False, stop_gradient=False),
-             "sequential"),
+            ("naive (Eq. 9)", dict(auxiliary_supervision=False, diversity_augmentation=False, stop_gradient=False)),
             ("+ auxiliary supervision", dict(auxiliary_supervision=True, diversity_augmentation=False,
-                                             stop_gradient=False), "sequential"),
+                                             stop_gradient=False)),
             ("+ diversity augmentation", dict(auxiliary_supervision=True, diversity_augmentation=True,
-                                              stop_gradient=False), "sequential"),
-            ("+ stop-gradient", dict(auxiliary_supervision=True, diversity_augmentation=True, stop_gradient=True),
-             "sequential"),
+                                              stop_gradient=False)),
         ]
-        for name, switches, order in rows:
+        for name, switches in rows:
             log(f"[train] Table 6: {name}")
-            model, _ = fit(dataclasses.replace(base, **switches), order, "t6", ablation_epochs)
-            table6.append((name, switches, order, acc_after(predict(model, test_bank, order), y_test, T)))
+            model, _ = fit(dataclasses.replace(base, **switches), "coarse_to_fine", "t6", ablation_epochs)
+            table6.append((name, switches, acc_after(predict(model, test_bank, "coarse_to_fine"), y_test, T)))
             del model
-        # last row: + coarse-to-fine frame order = the main model (same epochs only if equal)
-        if ablation_epochs == args.epochs:
-            main_logits = predict(main_model, test_bank, "coarse_to_fine")
-            table6.append(("+ frame sampling of [21]", {"all": True}, "coarse_to_fine", acc_after(main_logits, y_test, T)))
-        results["table6"] = [{"row": r[0], "switches": r[1], "order": r[2], "accuracy": r[3]} for r in table6]
+        if ablation_epochs != args.epochs:
+            log("[train] Table 6: + stop-gradient (the main configuration, at the ablation epochs)")
+            model, _ = fit(base, "coarse_to_fine", "t6", ablation_epochs)
+            last = acc_after(predict(model, test_bank, "coarse_to_fine"), y_test, T)
+            del model
+        else:
+            last = acc_after(predict(main_model, test_bank, "coarse_to_fine"), y_test, T)
+        table6.append(("+ stop-gradient (= AdaFocusV2)", dict(auxiliary_supervision=True,
+                                                              diversity_augmentation=True,
+                                                              stop_gradient=True), last))
+        results["table6"] = [{"row": r[0], "switches": r[1], "accuracy": r[2]} for r in table6]
 
     # ---------------------------------------------------------------- V2+ curve
     order = "coarse_to_fine"
-    v2_val, v2_test = predict(main_model, val_bank, order), predict(main_model, test_bank, order)
+    v2_val = predict(main_model, val_bank, order)
+    v2_test, v2_boxes = predict(main_model, test_bank, order, with_boxes=True)
     ff_test = predict(full_model, test_bank, order)
     v2_steps = main_model.flops_per_step(T)
     ff_steps = full_model.flops_per_step(T)
@@ -393,34 +498,41 @@ def main(argv: list[str] | None = None) -> int:
         log(f"(top-1 accuracy after processing t frames, i.e. p_t; {main_model.config.patch_size}^2 patches, "
             "fC without the glance feature)")
         head = f"{'Policy':<22}" + "".join(f"{'t=' + str(t):>9}" for t in (1, 2, 4, T))
-        log(head)
+        if not hits:
+            log(head)
         names = {"random": "Random Policy", "centre": "Central Policy", "gaussian": "Gaussian Policy",
                  "learned": "AdaFocusV2 (learned)"}
+        if hits:
+            head += f"{'target in patch':>17}"
+            log(head)
         for k in ("random", "centre", "gaussian", "learned"):
-            log(f"{names[k]:<22}" + "".join(f"{100 * a:>8.1f}%" for a in table7[k]))
-        best_baseline = max(max(table7[k][i] for k in ("random", "centre", "gaussian")) for i in range(4))
+            hit = f"{100 * hits[k]:>16.1f}%" if k in hits else ""
+            log(f"{names[k]:<22}" + "".join(f"{100 * a:>8.1f}%" for a in table7[k]) + hit)
         margins = [table7["learned"][i] - max(table7[k][i] for k in ("random", "centre", "gaussian"))
                    for i in range(4)]
         log("learned minus best baseline: " + ", ".join(f"t={t}: {100 * m:+.1f}" for t, m in zip((1, 2, 4, T), margins)))
         results["table7_margins"] = margins
-        del best_baseline
 
     if table6:
-        log("\nTable 6 form. Ablation of the training techniques (top-1 accuracy, all frames)")
-        log(f"{'Aux.':>5}{'Div.':>6}{'Stop':>6}{'C2F':>5}   {'Acc.':>7}  {'Delta':>6}")
+        log("\nTable 6 form. Ablation of the training techniques (top-1 accuracy after all frames;")
+        log("coarse-to-fine frame order in every row)")
+        log(f"{'Auxiliary':>10}{'Diversity':>10}{'Stop-':>7}   {'Acc.':>7}  {'Delta':>6}")
+        log(f"{'supervision':>10}{'augment.':>10}{'grad.':>7}")
         prev = None
-        for name, sw, order_, acc in table6:
-            flags = [sw.get("auxiliary_supervision", sw.get("all", False)),
-                     sw.get("diversity_augmentation", sw.get("all", False)),
-                     sw.get("stop_gradient", sw.get("all", False)), order_ == "coarse_to_fine"]
-            mark = "".join(f"{'x' if f else '':>{w}}" for f, w in zip(flags, (5, 6, 6, 5)))
-            delta = "    -" if prev is None else f"{100 * (acc - prev):+5.1f}"
+        for name, sw, acc in table6:
+            flags = [sw["auxiliary_supervision"], sw["diversity_augmentation"], sw["stop_gradient"]]
+            mark = "".join(f"{'x' if f else '':>{w}}" for f, w in zip(flags, (10, 10, 7)))
+            delta = "     -" if prev is None else f"{100 * (acc - prev):+6.1f}"
             log(f"{mark}   {100 * acc:6.1f}%  {delta}   {name}")
             prev = acc
 
     log("\nAdaFocusV2+ (early exit, thresholds solved on val by Eq. 12 / MSDNet, evaluated on test)")
     log(f"full-frame model: {100 * ff_acc:.1f}% at {ff_gflops:.4f} GFLOPs/video; "
         f"AdaFocusV2 (all frames): {100 * v2_acc:.1f}% at {float(v2_steps.sum()) / 1e9:.4f} GFLOPs/video")
+    if target_boxes is not None:
+        hit = target_in_patch(v2_boxes, target_boxes, eval_idx)
+        results["adafocus_v2_target_in_patch"] = hit
+        log(f"AdaFocusV2's patch contains the whole target object in {100 * hit:.1f}% of test frames")
     log(f"{'budget p':>9} {'GFLOPs/video':>13} {'x full':>7} {'frames':>7} {'test acc':>9} {'val acc':>8}")
     # show ~12 points spread over the cost range (the Pareto-relevant ones)
     shown, last = [], -1.0
@@ -474,10 +586,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
+    chance = 1.0 / num_classes
+    above_chance = ff_acc > 2 * chance and v2_acc > 2 * chance
+    results["above_chance"] = above_chance
+    if not above_chance:
+        log(f"WARNING: the full-frame model ({100 * ff_acc:.1f}%) and/or AdaFocusV2 ({100 * v2_acc:.1f}%) are "
+            f"not clearly above chance ({100 * chance:.1f}%): the ratios below compare untrained models and "
+            "mean nothing; train longer (--epochs/--pretrain-epochs) or on more videos")
     log(f"total time {time.time() - t_start:.0f} s")
     log(f"flops_ratio_at_full_acc={flops_ratio:.3f} cpu_time_ratio={cpu_ratio:.3f} "
         f"full_frame_acc={ff_acc:.3f} v2plus_acc={at.test.accuracy:.3f} "
-        f"v2plus_gflops={at.test.gflops:.4f} full_frame_gflops={ff_gflops:.4f}")
+        f"v2plus_gflops={at.test.gflops:.4f} full_frame_gflops={ff_gflops:.4f} "
+        f"above_chance={str(above_chance).lower()}")
     return 0
 
 

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         wait = dali = 0.0
         steps = 0
-        batches = build_clip_dataset(manifest, config).iter_batches(
-            batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2)
+        batches = iter(build_clip_dataset(manifest, config).iter_batches(
+            batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2))
         while True:
             t0 = time.perf_counter()
             raw = next(batches, None)

@@ -72,7 +72,7 @@ class OptimConfig:
     """AdaFocusV2 appendix B.2: SGD, momentum 0.9, cosine annealing, per-component learning rates
     (taken from the model's ``param_groups()``), weight decay; mixed precision on GPU."""
 
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 16
     """Per worker."""
     optimizer: str = "auto"
@@ -125,7 +125,8 @@ class EvalConfig:
     """Extra GFLOPs/video budgets to solve thresholds for (the curve is always traced)."""
     train_full_frame: bool = True
     """Also train the non-adaptive full-frame model on the same data, as the reference."""
-    full_frame_epochs: int | None = None
+    full_frame_epochs: int | None = 4
+    """Epochs of the full-frame reference (None: as many as the model's)."""
     visualise_videos: int = 4
 
 

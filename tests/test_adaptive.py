@@ -371,12 +371,18 @@ def test_mobilenet_and_model_load_local_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", spy)
     net = MobileNetV2Features(0.25, output_stride=8, weights=str(path))
-    assert calls == [True]
+    assert calls and all(flag is True for flag in calls)
     torch.testing.assert_close(net.features[5].conv[0][0].weight, tv.features[5].conv[0][0].weight)
     cfg = micro_config()
     cfg = dataclasses.replace(cfg, glance=dataclasses.replace(cfg.glance, weights=str(path)))
     model = AdaFocusV2(cfg)
     torch.testing.assert_close(model.glance_encoder.features[3].conv[0][0].weight, tv.features[3].conv[0][0].weight)
+    # a file saved from a truncated, re-closed extractor (e.g. a trained glance encoder) loads too
+    own = tmp_path / "glance.pth"
+    torch.save(model.glance_encoder.state_dict(), own)
+    again = MobileNetV2Features(0.25, output_stride=8, out_channels=16, weights=str(own))
+    for (k, a), (_, b) in zip(again.state_dict().items(), model.glance_encoder.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
 
 
 # --------------------------------------------------------------------------- interface, sampling

@@ -309,7 +309,10 @@ def test_class_detail_needs_full_resolution(appearance_set: Path):
     assert acc["full"] >= 0.95
     assert acc["low"] <= chance + 0.15
     assert acc["full"] - acc["low"] >= 0.7
-    assert acc["low_ideal"] <= 0.5  # even an oracle-aligned reader stays far from full resolution
+    # An oracle-aligned reader (exact position and shading model) recovers part of the class from the
+    # face's border at 4x: 27 % with the 20-24 px objects of object_scale 1.0, 69 % with the default
+    # 1.8 (larger faces leak through more border pixels). It must stay well short of full resolution.
+    assert acc["low_ideal"] <= 0.75
     assert acc["blank_full"] <= chance + 0.2  # blank faces carry no class
 
 
@@ -424,7 +427,9 @@ def test_motion_needs_temporal_order(motion_set: Path):
     for ann in anns:
         centres = np.stack([_locate_target(f) for f in _decode(motion_set / ann["path"])])
         truth = np.array(ann["target"]["top_left"]) + ann["target"]["size"] / 2
-        assert np.abs(centres - truth).max() <= 4.0  # the ring pins the target down
+        # The ring pins the target down: within 4 px for the 20-24 px objects of object_scale 1.0,
+        # proportionally more for larger objects (a distractor can cover more of a larger ring).
+        assert np.abs(centres - truth).max() <= 4.0 * syn.BenchmarkParams().object_scale
         ordered.append(_ordered_features(centres))
         bag.append(_bag_features(centres))
     acc_ordered = _loo_1nn(np.array(ordered), labels)
