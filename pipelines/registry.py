@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,16 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None,
     import mlflow
 
     if tracking_uri:
+        # models:/ URIs resolve through the global registry URI only. mlflow.set_tracking_uri also
+        # exports MLFLOW_TRACKING_URI to every process started later: keep the environment as it was.
+        before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     meta_path = next(local.rglob(META_FILE), None)
     weights_path = next(local.rglob(WEIGHTS_FILE), None)

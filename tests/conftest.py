@@ -67,6 +67,7 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None =
     import sys
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+    full_env.pop("RAY_ADDRESS", None)  # its own local Ray, never a cluster another test started
+    full_env.pop("MLFLOW_TRACKING_URI", None)  # its own MLflow store in cwd
     return subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -32,13 +32,14 @@ def main(manifest_path: str, store_bytes: int) -> None:
                             target_block_bytes=8 * 1024 * 1024)
     dataset = build_clip_dataset(manifest, config)
     augment = ClipAugmenter(AugmentConfig(), training=True, max_batch_size=8, device_id=None)
+    address = ray.get_runtime_context().gcs_address  # this instance, whatever else runs on the machine
     seen, peak = 0, 0.0
     for batch in iter_model_batches(dataset, augment, batch_size=8):
         seen += len(batch["label"])
         time.sleep(0.05)  # a consumer slower than the decoders: the stream must apply back-pressure
-        stats = memory_summary(stats_only=True)
+        stats = memory_summary(address=address, stats_only=True)
         peak = max(peak, _mib(r"Plasma memory usage ([\d.]+) MiB", stats))
-    stats = memory_summary(stats_only=True)
+    stats = memory_summary(address=address, stats_only=True)
     print(json.dumps({"videos": seen, "decoded_bytes": seen * clip_bytes(config.decode),
                       "store_bytes": store_bytes, "peak_mib": peak,
                       "spilled_mib": _mib(r"Spilled ([\d.]+) MiB", stats)}))
