@@ -117,10 +117,11 @@ def ts_chunks(source: str, max_frames: int | None = None, chunk_frames: int = 1)
         stream = _video_stream(src)
         copy = stream.codec_context.name == "h264"
         with av.open(out, "w", format="mpegts") as dst:
+            rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
+            encoded = 0
             if copy:
                 target = dst.add_stream_from_template(stream)
             else:
-                rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
                 target = dst.add_stream("libx264", rate=rate)
                 target.width, target.height = stream.codec_context.width, stream.codec_context.height
                 target.pix_fmt = "yuv420p"
@@ -143,8 +144,11 @@ def ts_chunks(source: str, max_frames: int | None = None, chunk_frames: int = 1)
                     media = None
                     for frame in packet.decode():
                         media = float(frame.time) if frame.time is not None else media
-                        frame.pts = None
-                        for out_packet in target.encode(frame.reformat(format="yuv420p")):
+                        image = frame.reformat(format="yuv420p")
+                        # Encoder timestamps count frames at the stream's rate.
+                        image.pts, image.time_base = encoded, fractions.Fraction(1) / rate
+                        encoded += 1
+                        for out_packet in target.encode(image):
                             dst.mux(out_packet)
                         produced += 1
                 frames += produced

@@ -53,7 +53,7 @@ def build_app(config: ServeConfig) -> Any:
         }
     else:
         recognizer_options["num_replicas"] = config.recognizer_replicas
-    recognizer = Recognizer.options(**recognizer_options).bind(config)
+    recognizer = None if config.colocate_model else Recognizer.options(**recognizer_options).bind(config)
     directory = StreamDirectory.options().bind(stale_after_s=3 * config.sync_interval_s + 2.0,
                                                forget_after_s=max(300.0, config.idle_timeout_s))
     ingress = Ingress.options(
@@ -79,7 +79,8 @@ def start(config: ServeConfig, *, address: str | None = None, blocking: bool = F
     config = config.resolved()
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        # No address: a Ray of our own ("local"), never whatever cluster happens to run on this machine.
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": config.host, "port": config.port},
                 logging_config={"enable_access_log": False, "log_level": os.environ.get("ADASTREAM_SERVE_LOG_LEVEL", "WARNING")})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False,
@@ -103,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="Any ServeConfig field can be set as key=value, e.g. port=8080 "
                                             "budget=full max_streams=128 (see pipelines/serve/config.py).")
     parser.add_argument("--config", help="YAML file of ServeConfig fields")
-    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray, or RAY_ADDRESS)")
+    parser.add_argument("--address", help="Ray cluster address, e.g. auto (default: $RAY_ADDRESS, else a new "
+                                          "local Ray)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value ServeConfig overrides")
     return parser.parse_args(argv)

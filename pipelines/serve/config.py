@@ -73,6 +73,10 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.0
     """0 = opportunistic batching: a batch takes whatever queued while the previous one ran, so a lone
     stream never waits; raise it to trade latency for larger batches."""
+    colocate_model: bool = False
+    """Run the model inside the ingress replica instead of a separate Recognizer deployment: one hop
+    less per frame (lower latency, less CPU) on a single CPU machine, but the model no longer scales
+    (or moves to GPUs) on its own, and an ingress failure takes the model with it."""
     recognizer_replicas: int = 1
     recognizer_max_replicas: int = 0
     """> recognizer_replicas turns on Serve autoscaling between the two."""

@@ -44,7 +44,7 @@ from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, WebSocket
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -53,7 +53,7 @@ from ray.serve.handle import DeploymentHandle
 from pipelines.serve.budgets import BudgetError, ExitCatalog, ExitChoice
 from pipelines.serve.config import ServeConfig
 from pipelines.serve.engine import StepRequest, StepResult
-from pipelines.serve.frames import (JPEG, MPEGTS, PNG, FrameTransform, ImageDecoder, PayloadError, Preprocess,
+from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
 from pipelines.serve.sources import ChunkPipe, SourceFrame, SourceOptions, SourceReader, open_pipe, open_url
 from pipelines.serve.stream import PULL, PUSH, StreamSession, TokenBucket, parse_settings
@@ -235,12 +235,17 @@ def _float(value: Any) -> float | None:
 class Ingress:
     """HTTP/WebSocket front of the app; owns the stream sessions of this replica."""
 
-    async def __init__(self, config: ServeConfig, recognizer: DeploymentHandle, directory: DeploymentHandle) -> None:
+    async def __init__(self, config: ServeConfig, recognizer: DeploymentHandle | None,
+                       directory: DeploymentHandle) -> None:
         self.config = config
         self.recognizer = recognizer
         self.directory = directory
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
-        self.meta = await asyncio.wait_for(recognizer.info.remote(), timeout=600)
+        self.loop = asyncio.get_running_loop()
+        if recognizer is not None:
+            self.meta = await asyncio.wait_for(recognizer.info.remote(), timeout=600)
+        else:
+            self.meta = await self.loop.run_in_executor(None, self._load_local_model)
         self.classes: list[str] = self.meta["classes"]
         self.step_macs: float = self.meta["step_macs"]
         self.num_frames: int = self.meta["num_frames"]
@@ -256,7 +261,6 @@ class Ingress:
         self.api_buckets: dict[str, TokenBucket] = {}
         self.executor = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
                                            thread_name_prefix="frames")
-        self.loop = asyncio.get_running_loop()
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
         self._sync_wakeup = asyncio.Event()
@@ -265,8 +269,32 @@ class Ingress:
         self.metrics = ServeMetrics()
         self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop())]
 
+    def _load_local_model(self) -> dict[str, Any]:
+        """``colocate_model``: the model lives in this replica (see ServeConfig.colocate_model)."""
+        import torch
+
+        from pipelines.serve.engine import StepEngine
+        from pipelines.serve.recognizer import load_model, model_metadata, resolve_device
+
+        torch.set_num_threads(self.config.torch_threads)
+        device = resolve_device(self.config.device)
+        loaded = load_model(self.config.model_uri, self.config.tracking_uri, device)
+        self.local_engine = StepEngine(loaded.model, device, replica=self.replica)
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._local_step.set_max_batch_size(self.config.max_batch_size)
+        self._local_step.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _local_step(self, requests: list[StepRequest]) -> list[StepResult]:
+        # Same cross-stream batching as the Recognizer, in this process; the pass runs in a thread so
+        # the WebSockets keep flowing meanwhile.
+        return await self.loop.run_in_executor(self.model_pool, self.local_engine.run, requests)
+
     # ================================================================ Hub interface (for sessions)
     async def step(self, request: StepRequest) -> StepResult:
+        if self.recognizer is None:
+            return await self._local_step(request)
         return await self.recognizer.step.remote(request)
 
     def default_choice(self) -> ExitChoice:

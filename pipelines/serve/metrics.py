@@ -6,7 +6,7 @@ Ray prefixes the names with ``ray_``). Counters are ``*_total``.
 
 Per stream (tag ``stream``): ``adastream_stream_fps`` (frames received per second),
 ``adastream_stream_model_fps`` (frames the model saw per second), ``adastream_stream_latency_p50_ms``
-and ``..._p99_ms`` (frame in -> event out over the last 1024 frames), ``adastream_frames_total``,
+and ``..._p99_ms`` (frame in -> event out over the last 10 s), ``adastream_frames_total``,
 ``adastream_steps_total``, ``adastream_frames_dropped_total`` (tag ``reason``),
 ``adastream_windows_total``, ``adastream_exits_total``, ``adastream_gflops_spent_total``,
 ``adastream_gflops_saved_total`` (what early exit did not spend: the window's remaining frames).

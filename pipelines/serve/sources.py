@@ -162,7 +162,9 @@ class SourceReader(threading.Thread):
         self.exhausted = exhausted
         """For pushed chunks: True once the client has finished and everything was read."""
         self._halt = threading.Event()
+        self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
         self.attempt_frames = 0
+        self.decode_errors = 0
         self.frames_decoded = 0
         self.errors: list[str] = []
 
@@ -220,6 +222,10 @@ class SourceReader(threading.Thread):
             self._halt.wait(delay)
             delay = min(delay * 2, self.reconnect_max_s)
 
+    # A live source joined mid-GOP has no decodable picture until its next keyframe, and a lossy one
+    # (UDP) has corrupt packets now and then: skip those, unless nothing decodes for this many packets.
+    MAX_UNDECODABLE_PACKETS = 1000
+
     def _read_once(self) -> None:
         """Open and decode until the end or an error, counting frames in ``attempt_frames``."""
         with self._opener() as container:
@@ -232,32 +238,51 @@ class SourceReader(threading.Thread):
                 raise SourceError(f"resolution {ctx.width}x{ctx.height} exceeds the limit of {self.max_pixels} pixels")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 25.0
-            self._on_status("connected", f"{ctx.name} {ctx.width}x{ctx.height} @ {fps:.3g} fps", 0)
-            wall0: float | None = None
-            media0: float | None = None
-            for frame in container.decode(stream):
+            size = f"{ctx.width}x{ctx.height}" if ctx.width else "size from the first keyframe"
+            self._on_status("connected", f"{ctx.name} {size} @ {fps:.3g} fps", 0)
+            self._clock: tuple[float, float] | None = None
+            undecodable = 0
+            for packet in container.demux(stream):
                 if self._halt.is_set():
                     break
-                if frame.width * frame.height > self.max_pixels:
-                    raise SourceError(f"frame of {frame.width}x{frame.height} exceeds the limit of "
-                                      f"{self.max_pixels} pixels")
-                media_time = float(frame.time) if frame.time is not None else None
-                if self.follow_clock and media_time is not None:
-                    # Decode at the source's own rate: a file is played, not slurped.
-                    now = time.monotonic()
-                    if wall0 is None or media0 is None or media_time < media0:
-                        wall0, media0 = now, media_time
-                    ahead = (media_time - media0) - (now - wall0)
-                    if ahead > 0:
-                        if self._halt.wait(ahead):
-                            break
-                    elif ahead < -1.0:
-                        wall0, media0 = now, media_time  # fell far behind: do not rush to catch up
-                self.attempt_frames += 1
-                self.frames_decoded += 1
-                while not self._on_frame(SourceFrame(frame, media_time, fps)):
-                    if self._halt.wait(0.01):  # ``block`` policy: wait for room
-                        break
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as error:
+                    undecodable += 1
+                    self.decode_errors += 1
+                    if undecodable > self.MAX_UNDECODABLE_PACKETS:
+                        raise SourceError(f"nothing decodes ({_describe(error)})") if not self.live else error
+                    continue
+                for frame in frames:
+                    undecodable = 0
+                    if not self._deliver(frame, fps):
+                        return
+
+    def _deliver(self, frame: av.VideoFrame, fps: float) -> bool:
+        """Hand one frame over (pacing files to their clock); False when asked to stop."""
+        if self._halt.is_set():
+            return False
+        if frame.width * frame.height > self.max_pixels:
+            raise SourceError(f"frame of {frame.width}x{frame.height} exceeds the limit of {self.max_pixels} pixels")
+        media_time = float(frame.time) if frame.time is not None else None
+        if self.follow_clock and media_time is not None:
+            # Decode at the source's own rate: a file is played, not slurped.
+            now = time.monotonic()
+            if self._clock is None or media_time < self._clock[1]:
+                self._clock = (now, media_time)
+            wall0, media0 = self._clock
+            ahead = (media_time - media0) - (now - wall0)
+            if ahead > 0:
+                if self._halt.wait(ahead):
+                    return False
+            elif ahead < -1.0:
+                self._clock = (now, media_time)  # fell far behind: do not rush to catch up
+        self.attempt_frames += 1
+        self.frames_decoded += 1
+        while not self._on_frame(SourceFrame(frame, media_time, fps)):
+            if self._halt.wait(0.01):  # ``block`` policy: wait for room
+                return False
+        return True
 
 
 def open_url(options: SourceOptions) -> Callable[[], Any]:

@@ -212,7 +212,7 @@ class StreamSession:
         self.arrival_clock = StreamClock(max_gap=math.inf)
         self.fps_in = RateMeter()
         self.fps_model = RateMeter()
-        self.latencies: deque[float] = deque(maxlen=1024)
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (monotonic time, ms)
         self.new_latencies: list[float] = []  # not yet published as metrics
         self.last_activity = time.monotonic()
         self.connected = False  # a push client is attached (or a pull source is being read)
@@ -452,7 +452,7 @@ class StreamSession:
             self.state = None
             self.hub.changed(self)
         latency = (now - item.received) * 1e3
-        self.latencies.append(latency)
+        self.latencies.append((now, latency))
         self.new_latencies.append(latency)
         k = min(self.settings.top_k, probs.shape[0])
         top = np.argsort(-probs)[:k]
@@ -504,11 +504,18 @@ class StreamSession:
             callback(self)
 
     # ------------------------------------------------------------------ reporting
+    LATENCY_HORIZON_S = 10.0
+
     def latency_percentiles(self) -> dict[str, float | None]:
-        if not self.latencies:
-            return {"p50": None, "p99": None}
-        values = np.fromiter(self.latencies, dtype=np.float64)
-        return {"p50": round(float(np.percentile(values, 50)), 2), "p99": round(float(np.percentile(values, 99)), 2)}
+        """p50/p99 frame latency (arrival -> event) over the last 10 s of results: what the stream
+        experiences now, not an average over its whole life."""
+        since = time.monotonic() - self.LATENCY_HORIZON_S
+        values = [ms for t, ms in self.latencies if t >= since]
+        if not values:
+            return {"p50": None, "p99": None, "count": 0}
+        array = np.asarray(values, dtype=np.float64)
+        return {"p50": round(float(np.percentile(array, 50)), 2), "p99": round(float(np.percentile(array, 99)), 2),
+                "count": len(values)}
 
     def summary(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -1,0 +1,633 @@
+#!/usr/bin/env python
+"""Load test of the live server: how many concurrent 25 fps streams it sustains, with early exit and
+without, their frame latency, and what Ray Serve adds per frame over calling the model in-process.
+
+    python benchmarks/serve_load.py                        # the demo model (sqlite:///mlflow.db)
+    python benchmarks/serve_load.py --tracking-uri sqlite:////path/mlflow.db --budget 0.03
+    python benchmarks/serve_load.py --transports pull      # only the MPEG-TS-over-UDP capacity search
+    python benchmarks/serve_load.py --quick                # shorter trials (noisier numbers)
+
+What runs: a local Ray with the serving app (one Recognizer replica, one Ingress) on loopback, and in
+this process the load generators, over real sockets:
+
+* ``pull``: one UDP port per stream; a sender thread plays ``demo.mp4`` (H.264, 340x256, remuxed to
+  MPEG-TS, looped, each stream at a different point of the file) to every port at its real rate, and
+  the server is asked to read ``udp://127.0.0.1:PORT`` (``POST /v1/streams``): the camera -> server
+  path of a deployment, decoded by the server (PyAV) frame by frame;
+* ``push``: one WebSocket per stream (through Serve's HTTP proxy) carrying one timestamped JPEG per
+  frame (``demo.mp4`` re-encoded), predictions coming back as events.
+
+The server cuts recognition windows of ``--window-seconds`` (default 2 s: the demo model's training
+clips are 32 frames at 16 fps) and feeds the model ``T`` frames per window; with early exit a window
+stops at its first confident frame.
+
+* **Sustained streams**, for the ``--budget`` (early exit) and for ``full`` (no exit): the largest N
+  for which, over ``--duration`` seconds after a warm-up, every stream is decoded at its own rate
+  (pull: >= 80 % of it, as UDP is paced by bytes), at most ``--max-drop`` of the frames the windows sample are dropped, the
+  median frame latency stays under the sampling interval (the server keeps up) and the load generator
+  keeps its schedule. Found by doubling N, then bisecting to within 10 %.
+* **Server CPU per stream** (proxy + replicas, from /proc) at the largest N both budgets sustain: the
+  capacity ratio that does not depend on what else the machine runs -- on a shared machine the
+  wall-clock search above measures the neighbours too.
+* **Frame latency**: p50/p99 of the server's per-frame latency (frame received or decoded by the
+  ingress -> prediction event) at the sustained N.
+* **Serve vs in-process**: one pushed stream; the server's per-frame latency p50 against the same work
+  done directly in this process -- JPEG decode, the input transform and one ``model.step`` of batch 1
+  with the stream's state -- p50. The ratio is what Serve's hops (ingress -> recognizer handle,
+  batching, worker threads) cost per frame; measured for the default layout and with
+  ``colocate_model`` (the model inside the ingress replica, one hop less).
+
+Everything shares the machine (the generators too), so absolute numbers are this machine's, and
+noisy when other work runs; the ratios are the point. Headline figures come last as ``name=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import io
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av
+import numpy as np
+import requests
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def serve_cpu_seconds() -> float:
+    """CPU seconds used so far by the processes that do per-stream work: Serve's HTTP proxy and the app's
+    replicas (ingress and recognizer). CPU time is what a stream costs whatever else runs on the machine,
+    so it measures capacity robustly where wall-clock limits are noisy."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"ProxyActor" not in cmdline and b"ServeReplica:adastream-bench" not in cmdline:
+                continue
+            if b"StreamDirectory" in cmdline:
+                continue  # bookkeeping, not per-frame work
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+# ------------------------------------------------------------------------------------------ frames
+def encode_frames(video: Path, count: int, size: int | None, fps: float) -> list[tuple[float, bytes]]:
+    """(pts, raw JPEG) for ``count`` frames of ``video`` (looped), scaled to a short side of ``size``."""
+    frames = []
+    with av.open(str(video)) as container:
+        decoded = [f for _, f in zip(range(count), container.decode(video=0))]
+    encoder = av.CodecContext.create("mjpeg", "w")
+    first = decoded[0]
+    width, height = first.width, first.height
+    if size:
+        scale = size / min(width, height)
+        width, height = int(round(width * scale / 2) * 2), int(round(height * scale / 2) * 2)
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuvj420p"
+    encoder.time_base = fractions.Fraction(1, 1000)
+    for i in range(count):
+        frame = decoded[i % len(decoded)].reformat(width=width, height=height, format="yuvj420p")
+        frame.pts, frame.time_base = i, encoder.time_base
+        frames.append((i / fps, b"".join(bytes(p) for p in encoder.encode(frame))))
+    return frames
+
+
+def stamped(pts: float, jpeg: bytes) -> bytes:
+    return b"ASTS" + struct.pack(">d", pts) + jpeg
+
+
+# ------------------------------------------------------------------------------------------ in-process
+def direct_latency(loaded: Any, frames: list[tuple[float, bytes]], window_frames: int, repeats: int) -> list[float]:
+    """Per-frame time of the work the server does for a sampled frame, done directly: decode the JPEG,
+    transform, one model step (batch 1) carrying the state from the previous step of the window."""
+    import torch
+
+    from pipelines.serve.engine import StepEngine, StepRequest
+    from pipelines.serve.frames import FrameTransform, ImageDecoder, Preprocess
+
+    torch.set_num_threads(1)  # as the recognizer replica (torch_threads=1)
+    engine = StepEngine(loaded.model)
+    transform = FrameTransform(Preprocess.from_data(loaded.data, loaded.model.input_size))
+    decoder = ImageDecoder()
+    times = []
+    state = None
+    for i in range(repeats):
+        _, jpeg = frames[i % len(frames)]
+        started = time.perf_counter()
+        image = transform(decoder.decode("jpeg", jpeg))
+        (result,) = engine.run([StepRequest("direct", image, state)])
+        times.append((time.perf_counter() - started) * 1e3)
+        state = None if (i + 1) % window_frames == 0 else result.state
+    return times[5:]  # the first calls warm caches
+
+
+# ------------------------------------------------------------------------------------------ load
+@dataclass
+class StreamStats:
+    stream_id: str
+    events: list[dict] = field(default_factory=list)
+    sent_at: dict[float, float] = field(default_factory=dict)  # pts -> monotonic send time
+    client_latency: list[float] = field(default_factory=list)
+    closed: bool = False
+
+
+@dataclass
+class Trial:
+    streams: int
+    budget: str
+    sustained: bool
+    reason: str
+    server_p50: float
+    server_p99: float
+    client_p50: float
+    client_p99: float
+    sampled: int
+    dropped: int
+    steps: int
+    windows: int
+    exits: int
+    schedule_lag_s: float
+    transport: str = "push"
+    cpu_ms_per_stream_s: float = float("nan")
+    """Server CPU (proxy + replicas) per second of one stream, over the measured period."""
+
+    def row(self) -> str:
+        ok = "yes" if self.sustained else f"no ({self.reason})"
+        return (f"{self.transport:4s} {self.budget:>6s} {self.streams:5d}  {ok:28s} server p50 {self.server_p50:7.1f} ms p99 "
+                f"{self.server_p99:7.1f} ms | CPU {self.cpu_ms_per_stream_s:5.1f} ms/stream/s | steps {self.steps:6d} "
+                f"windows {self.windows:5d} exits {self.exits:5d} dropped {self.dropped}/{self.sampled}")
+
+
+async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
+                    warmup: float, duration: float, limits: dict[str, float], tag: str) -> Trial:
+    import websockets
+
+    ws_base = base_url.replace("http://", "ws://")
+    stats = [StreamStats(f"{tag}-{budget}-{n}-{i}") for i in range(n)]
+    connections = []
+    cpu_from = 0.0
+
+    async def reader(ws: Any, s: StreamStats) -> None:
+        try:
+            async for text in ws:
+                event = json.loads(text)
+                now = time.monotonic()
+                s.events.append(event)
+                if event.get("type") == "prediction" and event.get("latency_ms") is not None:
+                    sent = s.sent_at.get(round(event.get("pts") or -1.0, 4))
+                    if sent is not None:
+                        s.client_latency.append((now - sent) * 1e3)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        s.closed = True
+
+    for s in stats:
+        ws = await websockets.connect(f"{ws_base}/v1/streams/{s.stream_id}/ws?budget={budget}", proxy=None,
+                                      max_size=None, open_timeout=60, compression=None)
+        connections.append((ws, asyncio.create_task(reader(ws, s))))
+    total = warmup + duration
+    ticks = int(total * fps)
+    interval = 1.0 / fps
+    started = time.monotonic()
+    lag = 0.0
+    measure_from = None
+    for tick in range(ticks):
+        due = started + tick * interval
+        now = time.monotonic()
+        if due > now:
+            await asyncio.sleep(due - now)
+        else:
+            lag = max(lag, now - due) if tick * interval > warmup else lag
+        if measure_from is None and tick * interval >= warmup:
+            measure_from = time.time()
+            cpu_from = serve_cpu_seconds()
+        pts, jpeg = frames[tick % len(frames)]
+        pts = tick * interval
+        for j, (ws, _) in enumerate(connections):
+            stats[j].sent_at[round(pts, 4)] = time.monotonic()
+            try:
+                await ws.send(stamped(pts, jpeg))
+            except websockets.exceptions.ConnectionClosed:
+                pass
+    cpu_used = serve_cpu_seconds() - cpu_from if measure_from is not None else float("nan")
+    measured_s = time.time() - measure_from if measure_from is not None else float("nan")
+    await asyncio.sleep(1.0)  # let the last sampled frames come back
+    for ws, task in connections:
+        try:
+            await ws.send(json.dumps({"type": "end"}))
+        except websockets.exceptions.ConnectionClosed:
+            pass
+    for ws, task in connections:
+        try:
+            await asyncio.wait_for(task, 30)
+        except asyncio.TimeoutError:
+            task.cancel()
+        await ws.close()
+
+    server_lat, client_lat = [], []
+    sampled = dropped = steps = windows = exits = 0
+    for s in stats:
+        measured = [e for e in s.events if e.get("type") == "prediction" and e.get("latency_ms") is not None
+                    and measure_from is not None and e["time"] >= measure_from]
+        server_lat += [e["latency_ms"] for e in measured]
+        client_lat += s.client_latency[-len(measured):] if measured else []
+        steps += len(measured)
+        windows += sum(1 for e in measured if e["final"])
+        exits += sum(1 for e in measured if e["exited"])
+        ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
+        if ended:
+            sampled += ended["counters"]["frames_sampled"]
+            dropped += ended["counters"]["frames_dropped"]
+    p50, p99 = percentile(server_lat, 50), percentile(server_lat, 99)
+    reasons = judge(limits, p50=p50, p99=p99, sampled=sampled, dropped=dropped, have_results=bool(server_lat))
+    if lag > max(0.5, 5 * interval):
+        reasons.append(f"generator {lag:.1f} s behind")
+    return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, percentile(client_lat, 50),
+                 percentile(client_lat, 99), sampled, dropped, steps, windows, exits, lag,
+                 cpu_ms_per_stream_s=1e3 * cpu_used / (n * measured_s))
+
+
+def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dropped: int,
+          have_results: bool) -> list[str]:
+    """Why a trial is not sustained (empty: it is). The server keeps up when the median frame is done
+    before the next one is due (latency p50 under the sampling interval) and the sampled frames are not
+    dropped; p99 is only a criterion if asked for, because on a shared machine it measures the neighbours."""
+    reasons = []
+    if not have_results:
+        reasons.append("no results")
+    if sampled and dropped > limits["max_drop"] * sampled:
+        reasons.append(f"{dropped} of {sampled} sampled frames dropped")
+    if p50 > limits["max_p50_ms"]:
+        reasons.append(f"p50 {p50:.0f} ms")
+    if limits.get("max_p99_ms") and p99 > limits["max_p99_ms"]:
+        reasons.append(f"p99 {p99:.0f} ms")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------ pull load
+def mpegts_bytes(video: Path, gop: int = 28) -> tuple[bytes, float, float]:
+    """The video as H.264 in MPEG-TS with a keyframe every ``gop`` frames (as a live camera sends: a
+    receiver joining mid-stream decodes from the next keyframe), and its duration in seconds."""
+    buffer = io.BytesIO()
+    with av.open(str(video)) as src, av.open(buffer, "w", format="mpegts") as dst:
+        stream = src.streams.video[0]
+        rate = stream.average_rate or fractions.Fraction(25)
+        out = dst.add_stream("libx264", rate=rate)
+        out.width, out.height, out.pix_fmt = stream.codec_context.width, stream.codec_context.height, "yuv420p"
+        out.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "0"}
+        frames = 0
+        for frame in src.decode(stream):
+            image = frame.reformat(format="yuv420p")
+            image.pts, image.time_base = frames, fractions.Fraction(1) / rate
+            for packet in out.encode(image):
+                dst.mux(packet)
+            frames += 1
+        for packet in out.encode(None):
+            dst.mux(packet)
+    return buffer.getvalue(), frames / float(rate), float(rate)
+
+
+class UdpSender(threading.Thread):
+    """Plays an MPEG-TS file, looped, to many UDP ports at its real rate (1316-byte datagrams, paced
+    by bytes), each port at its own offset into the file so the streams are not in lock-step."""
+
+    def __init__(self, ts: bytes, duration: float, ports: list[int]) -> None:
+        super().__init__(daemon=True, name="udp-sender")
+        self.datagrams = [ts[i:i + 1316] for i in range(0, len(ts), 1316)]
+        self.rate = len(self.datagrams) / duration
+        self.ports = ports
+        self.halt = threading.Event()
+        self.late = 0.0
+
+    def run(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        n = len(self.datagrams)
+        offsets = [(j * n) // max(len(self.ports), 1) for j in range(len(self.ports))]
+        started = time.monotonic()
+        k = 0
+        while not self.halt.is_set():
+            due = started + k / self.rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(min(due - now, 0.05))
+                continue
+            self.late = max(self.late, now - due) if k > self.rate * 2 else self.late
+            for port, offset in zip(self.ports, offsets):
+                sock.sendto(self.datagrams[(k + offset) % n], ("127.0.0.1", port))
+            k += 1
+        sock.close()
+
+
+def free_udp_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _summaries(base_url: str) -> dict[str, dict]:
+    return {s["stream_id"]: s for s in requests.get(f"{base_url}/v1/streams", timeout=60).json()["streams"]}
+
+
+async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, float, float],
+                         args: argparse.Namespace, tag: str) -> Trial:
+    loop = asyncio.get_running_loop()
+    ports = free_udp_ports(n)
+    ids = [f"{tag}-{budget}-{n}-{i}" for i in range(n)]
+    sender = UdpSender(ts[0], ts[1], ports)
+    sender.start()
+
+    def create() -> None:
+        for sid, port in zip(ids, ports):
+            reply = requests.post(f"{base_url}/v1/streams", timeout=60, json={
+                "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget, "emit": "windows"})
+            reply.raise_for_status()
+
+    def delete() -> None:
+        for sid in ids:
+            try:
+                requests.delete(f"{base_url}/v1/streams/{sid}", timeout=30)
+            except requests.RequestException as error:
+                log(f"    (could not delete {sid}: {error})")
+
+    await loop.run_in_executor(None, create)
+    await asyncio.sleep(args.warmup)
+    before = await loop.run_in_executor(None, _summaries, base_url)
+    cpu_from, measured_from = serve_cpu_seconds(), time.monotonic()
+    await asyncio.sleep(args.duration)
+    cpu_used, measured_s = serve_cpu_seconds() - cpu_from, time.monotonic() - measured_from
+    after = await loop.run_in_executor(None, _summaries, base_url)
+    sender.halt.set()
+    await loop.run_in_executor(None, delete)
+    sender.join(5)
+
+    sampled = dropped = steps = windows = exits = 0
+    p50s, p99s, fps = [], [], []
+    missing = 0
+    for sid in ids:
+        a, b = before.get(sid), after.get(sid)
+        if a is None or b is None or b["status"] != "live":
+            missing += 1
+            continue
+        ca, cb = a["counters"], b["counters"]
+        sampled += cb["frames_sampled"] - ca["frames_sampled"]
+        dropped += cb["frames_dropped"] - ca["frames_dropped"]
+        steps += cb["steps"] - ca["steps"]
+        windows += cb["windows"] - ca["windows"]
+        exits += cb["exits"] - ca["exits"]
+        fps.append((cb["frames_received"] - ca["frames_received"]) / args.duration)
+        if b["latency_ms"]["p50"] is not None:
+            p50s.append(b["latency_ms"]["p50"])
+            p99s.append(b["latency_ms"]["p99"])
+    p50 = float(np.median(p50s)) if p50s else float("nan")
+    p99 = max(p99s) if p99s else float("nan")
+    reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=dropped, have_results=bool(p50s))
+    if missing:
+        reasons.append(f"{missing} streams not live")
+    # UDP is paced by bytes, so over a few seconds a stream can run a little under its frame rate;
+    # a decoder that cannot keep up falls well below (and loses datagrams).
+    if fps and min(fps) < 0.8 * ts[2]:
+        reasons.append(f"decoded {min(fps):.1f} fps")
+    if sender.late > 1.0:
+        reasons.append(f"sender {sender.late:.1f} s behind")
+    return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled, dropped,
+                 steps, windows, exits, sender.late, cpu_ms_per_stream_s=1e3 * cpu_used / (n * measured_s))
+
+
+def limits_of(args: argparse.Namespace) -> dict[str, float]:
+    return {"max_p50_ms": args.max_p50_ms, "max_p99_ms": args.max_p99_ms or 0.0, "max_drop": args.max_drop}
+
+
+async def capacity(base_url: str, budget: str, transport: str, media: dict[str, Any], args: argparse.Namespace,
+                   trials: list[Trial]) -> Trial | None:
+    """Largest sustained N: double from ``--start-streams``, then bisect to within 10 %."""
+    best: Trial | None = None
+    low, high = 0, None
+    n = args.start_streams
+    while True:
+        tag = f"t{len(trials)}"
+        if transport == "pull":
+            trial = await run_pull_trial(base_url, n, budget, media["ts"], args, tag)
+        else:
+            trial = await run_trial(base_url, n, budget, media["jpeg"], args.fps, args.warmup, args.duration,
+                                    limits_of(args), tag=tag)
+        trial.transport = transport
+        trials.append(trial)
+        log("  " + trial.row())
+        if trial.sustained:
+            best, low = trial, n
+        else:
+            high = n
+        if high is None:
+            if n >= args.max_streams:
+                break
+            n = min(n * 2, args.max_streams)
+        else:
+            if high - low <= max(1, int(0.1 * high)):
+                break
+            n = (low + high) // 2
+            if n == low:
+                break
+        await asyncio.sleep(1.0)  # let the server forget the previous trial's streams
+    return best
+
+
+async def single_stream_latency(base_url: str, frames: list[tuple[float, bytes]], args: argparse.Namespace,
+                                budget: str) -> Trial:
+    return await run_trial(base_url, 1, budget, frames, args.fps, args.warmup, args.latency_duration,
+                           {"max_p50_ms": 1e9, "max_drop": 1.0}, tag="latency")
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models:/adastream-adafocus_v2@demo")
+    parser.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    parser.add_argument("--budget", default="auto", help="the early-exit budget to compare with 'full'")
+    parser.add_argument("--transports", default="pull,push", help="capacity searches to run: pull, push or both")
+    parser.add_argument("--fps", type=float, default=25.0, help="push: frames per second per stream (pull "
+                                                                 "streams play demo.mp4 at its own 28 fps)")
+    parser.add_argument("--window-seconds", type=float, default=2.0)
+    parser.add_argument("--frame-size", type=int, default=None, help="push: short side of the JPEGs (default 256)")
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--latency-duration", type=float, default=10.0)
+    parser.add_argument("--start-streams", type=int, default=4)
+    parser.add_argument("--max-streams", type=int, default=256)
+    parser.add_argument("--max-p50-ms", type=float, default=None,
+                        help="sustained only if the median frame latency stays under this (default: the sampling "
+                             "interval, window-seconds / T)")
+    parser.add_argument("--max-p99-ms", type=float, default=None, help="also require this p99 (default: none)")
+    parser.add_argument("--max-drop", type=float, default=0.02, help="largest share of sampled frames dropped")
+    parser.add_argument("--colocate", action="store_true", help="run the capacity search with colocate_model=true")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--quick", action="store_true", help="short trials (numbers get noisier)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.duration, args.latency_duration = 3.0, 5.0, 6.0
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    t_start = time.time()
+
+    from pipelines.serve import ServeConfig, start
+    from pipelines.serve.recognizer import load_model
+    from pipelines.serve.budgets import ExitCatalog
+    from pipelines.serve.config import DEFAULT_TRACKING_URI, absolute_tracking_uri
+
+    tracking = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    try:
+        loaded = load_model(args.model, tracking)
+    except Exception as error:  # noqa: BLE001
+        log(f"serve_load: cannot load {args.model} from {tracking} ({error}); run `make demo` first")
+        return 2
+    T = loaded.num_frames
+    if args.max_p50_ms is None:
+        args.max_p50_ms = 1e3 * args.window_seconds / T
+    choice = ExitCatalog.from_exits(loaded.exits, T).resolve(args.budget)
+    step_gflops = float(loaded.model.flops_per_step(T)[0]) / 1e9
+    log(f"model {args.model}: {loaded.method}, {len(loaded.classes)} classes, T={T}, {step_gflops:.4f} GFLOPs "
+        f"per frame; budget {args.budget} -> "
+        + (f"{choice.gflops:.4f} GFLOPs/window on the held-out split" if choice.gflops is not None else "all frames"))
+    media = {"jpeg": encode_frames(SHARED_VIDEOS / "demo.mp4", 100, args.frame_size, args.fps),
+             "ts": mpegts_bytes(SHARED_VIDEOS / "demo.mp4")}
+    log(f"push: {len(media['jpeg'])} JPEG frames of demo.mp4, "
+        f"{np.mean([len(f) for _, f in media['jpeg']]) / 1024:.1f} KiB each, {args.fps:g} fps per stream; "
+        f"pull: demo.mp4 as MPEG-TS over UDP, {len(media['ts'][0]) / media['ts'][1] / 1024:.0f} KiB/s per stream")
+    log(f"windows of {args.window_seconds:g} s: the model sees a frame every {args.window_seconds / T * 1e3:.0f} ms "
+        f"(at most {T / args.window_seconds:.1f} steps/s per stream)")
+
+    direct = direct_latency(loaded, media["jpeg"], T, 205)
+    log(f"in-process: decode + transform + model.step (batch 1): p50 {percentile(direct, 50):.2f} ms "
+        f"p99 {percentile(direct, 99):.2f} ms")
+
+    def serve_config(colocate: bool, prefix: str = "/") -> ServeConfig:
+        return ServeConfig(port=args.port, model_uri=args.model, tracking_uri=tracking,
+                           app_name="adastream-bench" + ("-colocated" if colocate else ""), route_prefix=prefix,
+                           window_seconds=args.window_seconds, max_streams=4 * args.max_streams,
+                           max_fps_in=10 * args.fps, api_requests_per_s=10000, api_burst=10000, idle_timeout_s=120,
+                           emit="steps", colocate_model=colocate)
+
+    config = start(serve_config(args.colocate))
+    base = config.url
+    info = requests.get(base + "/v1/info", timeout=30).json()
+    log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}); "
+        f"replicas {info['replica']}, {info['recognizer_replica']}")
+
+    trials: list[Trial] = []
+
+    async def run_all() -> dict[str, Any]:
+        single = await single_stream_latency(base, media["jpeg"], args, "full")
+        trials.append(single)
+        log("one pushed stream, no exit:\n  " + single.row())
+        out: dict[str, Any] = {"single": single}
+        for transport in transports:
+            for budget in (args.budget, "full"):
+                log(f"capacity, {transport}, budget {budget}:")
+                out[(transport, budget)] = await capacity(base, budget, transport, media, args, trials)
+        return out
+
+    results = asyncio.run(run_all())
+    from ray import serve
+
+    serve.delete(config.app_name)
+    # The same one-stream latency with the model inside the ingress (colocate_model): one hop less.
+    other = start(serve_config(not args.colocate, "/other"))
+    other_single = asyncio.run(single_stream_latency(other.url, media["jpeg"], args, "full"))
+    log(f"one pushed stream, no exit, {'separate Recognizer' if args.colocate else 'model in the ingress'}:\n  "
+        + other_single.row())
+    serve.shutdown()
+    single: Trial = results["single"]
+    separate, colocated = (other_single, single) if args.colocate else (single, other_single)
+    latency_ratio = separate.server_p50 / percentile(direct, 50)
+    colocated_ratio = colocated.server_p50 / percentile(direct, 50)
+    headline: dict[str, Any] = {}
+    log("")
+    for transport in transports:
+        exit_best: Trial | None = results[(transport, args.budget)]
+        full_best: Trial | None = results[(transport, "full")]
+        n_exit = exit_best.streams if exit_best else 0
+        n_full = full_best.streams if full_best else 0
+        ratio = n_exit / n_full if n_full else (float("inf") if n_exit else float("nan"))
+        log(f"{transport}: sustained streams {n_exit} with early exit (budget {args.budget}), {n_full} without "
+            f"-> {ratio:.2f}x (goal >= 2x)")
+        if exit_best:
+            log(f"  at {n_exit} streams with exit: server frame latency p50 {exit_best.server_p50:.1f} ms, "
+                f"p99 {exit_best.server_p99:.1f} ms; {exit_best.steps / max(exit_best.windows, 1):.2f} frames "
+                f"per window ({exit_best.exits} of {exit_best.windows} windows exited early)")
+        if full_best:
+            log(f"  at {n_full} streams without exit: p50 {full_best.server_p50:.1f} ms, p99 "
+                f"{full_best.server_p99:.1f} ms; {full_best.steps / max(full_best.windows, 1):.2f} frames per window")
+        # CPU per stream where both budgets ran sustained, at about the same N (the one the no-exit search
+        # reached): a capacity ratio that does not depend on what else the machine runs.
+        common = min(n_exit, n_full)
+        cpu: dict[str, Trial | None] = {}
+        for b in (args.budget, "full"):
+            candidates = [t for t in trials if t.transport == transport and t.budget == b and t.sustained]
+            cpu[b] = min(candidates, key=lambda t: (abs(t.streams - common), -t.streams), default=None)
+        exit_cpu, full_cpu = cpu[args.budget], cpu["full"]
+        cpu_ratio = (full_cpu.cpu_ms_per_stream_s / exit_cpu.cpu_ms_per_stream_s) if exit_cpu and full_cpu \
+            else float("nan")
+        if exit_cpu and full_cpu:
+            log(f"  server CPU per stream: {exit_cpu.cpu_ms_per_stream_s:.1f} ms/s with exit ({exit_cpu.streams} "
+                f"streams), {full_cpu.cpu_ms_per_stream_s:.1f} ms/s without ({full_cpu.streams} streams) -> "
+                f"{cpu_ratio:.2f}x the streams per core with early exit ({1e3 / exit_cpu.cpu_ms_per_stream_s:.0f} "
+                f"vs {1e3 / full_cpu.cpu_ms_per_stream_s:.0f} per fully used core)")
+        headline.update({f"{transport}_streams_exit": n_exit, f"{transport}_streams_full": n_full,
+                         f"{transport}_exit_vs_full": round(ratio, 3),
+                         f"{transport}_cpu_capacity_ratio": round(cpu_ratio, 3),
+                         f"{transport}_latency_p50_ms": round(exit_best.server_p50, 1) if exit_best else None,
+                         f"{transport}_latency_p99_ms": round(exit_best.server_p99, 1) if exit_best else None})
+    log(f"per-frame latency, one stream: Serve {separate.server_p50:.2f} ms (p99 {separate.server_p99:.2f}) vs "
+        f"in-process {percentile(direct, 50):.2f} ms -> {latency_ratio:.2f}x (goal <= 1.3x); with the model in "
+        f"the ingress {colocated.server_p50:.2f} ms -> {colocated_ratio:.2f}x; client round trip through the "
+        f"WebSocket p50 {separate.client_p50:.2f} ms")
+    log(f"total {time.time() - t_start:.0f} s on {os.cpu_count()} CPUs (load generators included)")
+    headline.update({"serve_latency_ms": round(separate.server_p50, 2),
+                     "colocated_latency_ms": round(colocated.server_p50, 2),
+                     "direct_latency_ms": round(percentile(direct, 50), 2),
+                     "serve_vs_direct": round(latency_ratio, 3), "colocated_vs_direct": round(colocated_ratio, 3)})
+    if args.json:
+        args.json.write_text(json.dumps({"headline": headline, "trials": [t.__dict__ for t in trials],
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    log(" ".join(f"{k}={v}" for k, v in headline.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

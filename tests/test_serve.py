@@ -1,0 +1,256 @@
+"""Serving building blocks without Ray: windows, budgets, pushed payloads, the input transform, the
+batched step engine, events and the config. The Serve app itself is tested in test_serve_app.py."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import struct
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from adaptive import build_model
+from pipelines.serve.budgets import BudgetError, ExitCatalog
+from pipelines.serve.config import ConfigError, ServeConfig, is_loopback, load_serve_config
+from pipelines.serve.engine import StepEngine, StepRequest
+from pipelines.serve.events import EventLog
+from pipelines.serve.frames import (JPEG, MPEGTS, PNG, FrameTransform, ImageDecoder, PayloadError, Preprocess,
+                                    image_dimensions, parse_message, to_model_input)
+from pipelines.serve.windows import StreamClock, Windower, WindowSpec
+
+
+# ----------------------------------------------------------------------------------------- windows
+def _admitted(windower: Windower, times: list[float]) -> list[tuple[float, int, int]]:
+    out = []
+    for t in times:
+        a = windower.admit(t)
+        if a is not None:
+            out.append((round(t, 3), a.window, a.slot))
+    return out
+
+
+def test_window_samples_one_frame_every_d_over_t_seconds_of_a_25fps_stream():
+    w = Windower(WindowSpec(frames=8, seconds=2.0))
+    got = _admitted(w, [i / 25 for i in range(100)])  # 4 s of a 25 fps stream
+    assert [(win, slot) for _, win, slot in got] == [(0, s) for s in range(8)] + [(1, s) for s in range(8)]
+    times = [t for t, _, _ in got]
+    gaps = np.diff(times[:8])
+    assert np.all(np.abs(gaps - 0.25) <= 0.04 + 1e-9)  # on the 0.25 s grid, within one frame
+    assert times[8] == 2.0  # the second window starts at start + D
+
+
+def test_closed_window_feeds_nothing_until_the_next_one():
+    w = Windower(WindowSpec(frames=8, seconds=2.0))
+    assert w.admit(0.0).slot == 0
+    assert w.admit(0.25).slot == 1
+    w.close(0)  # the exit rule fired after two frames
+    assert all(w.admit(t) is None for t in np.arange(0.3, 2.0, 0.04))
+    assert (w.admit(2.0).window, w.admit(2.25).slot) == (1, 1)
+
+
+def test_jittery_late_frames_are_not_sampled_twice():
+    w = Windower(WindowSpec(frames=4, seconds=1.0))  # slots every 0.25 s
+    assert w.admit(0.0) is not None
+    assert w.admit(0.45) is not None  # 0.2 s late
+    assert w.admit(0.5) is None  # not a second frame right after a late one
+    assert w.admit(0.75) is not None
+
+
+def test_frame_count_windows_and_long_gaps():
+    w = Windower(WindowSpec(frames=3, seconds=0.0))
+    got = [(a.window, a.slot) if a else None for a in (w.admit(i) for i in range(7))]
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    w = Windower(WindowSpec(frames=4, seconds=1.0))
+    w.admit(0.0)
+    assert w.admit(10.0).window == 1  # a stalled source re-anchors instead of emitting empty windows
+
+
+def test_stream_clock_is_monotonic_across_resets_and_gaps():
+    clock = StreamClock(fps=25, max_gap=5.0)
+    assert clock(100.0) == 0.0 and clock(100.04) == pytest.approx(0.04)
+    assert clock(3.0) == pytest.approx(0.08)  # timestamps restarted (reconnect)
+    assert clock(3.04) == pytest.approx(0.12)
+    assert clock(1000.0) == pytest.approx(0.16)  # jump beyond max_gap
+    clock.continue_from(50.0)
+    assert clock(7.0) == pytest.approx(50.04)
+
+
+# ----------------------------------------------------------------------------------------- budgets
+def _exits(T: int = 4) -> dict:
+    return {"curve": [
+        {"val_gflops": 0.01, "test_gflops": 0.011, "test_accuracy": 0.50, "criterion": "confidence",
+         "thresholds": [0.0] * T},
+        {"val_gflops": 0.03, "test_gflops": 0.031, "test_accuracy": 0.70, "criterion": "confidence",
+         "thresholds": [math.inf, math.inf, 0.0, 0.0]},
+        {"val_gflops": 0.04, "test_gflops": 0.04, "test_accuracy": 0.705, "criterion": "confidence",
+         "thresholds": [math.inf] * T},
+    ], "budgets": []}
+
+
+def test_budgets_resolve_to_stored_thresholds():
+    catalog = ExitCatalog.from_exits(_exits(), num_frames=4, tolerance=0.01)
+    assert catalog.resolve("min").gflops == 0.01
+    assert catalog.resolve("auto").gflops == 0.03  # cheapest within 1 point of the best accuracy
+    assert catalog.resolve(0.035).gflops == 0.03 and catalog.resolve("0.5").gflops == 0.04
+    assert catalog.resolve("full").gflops is None
+    with pytest.raises(BudgetError, match="cheapest need 0.01"):
+        catalog.resolve(0.001)
+    with pytest.raises(BudgetError):
+        catalog.resolve("lots")
+    assert ExitCatalog.from_exits({}, 4).resolve("auto").budget == "full"  # no curve: serve without exits
+
+
+def test_exit_policy_for_window_lengths():
+    choice = ExitCatalog.from_exits(_exits(), num_frames=4).resolve(0.03)
+    logits = torch.zeros(1, 4)  # uniform: confidence 0.25
+    policy = choice.policy(4)
+    assert [bool(policy.should_exit(logits, t)) for t in range(4)] == [False, False, True, True]
+    assert choice.policy(2).num_steps == 2 and bool(choice.policy(2).should_exit(logits, 1))  # last always exits
+    longer = choice.policy(6)
+    assert [bool(longer.should_exit(logits, t)) for t in range(6)] == [False, False, True, True, True, True]
+    full = ExitCatalog.from_exits(_exits(), 4).resolve("full").policy(4)
+    assert [bool(full.should_exit(torch.tensor([[9.0, 0, 0, 0]]), t)) for t in range(4)] == [False] * 3 + [True]
+
+
+# ----------------------------------------------------------------------------------------- payloads
+def _encode(frame: av.VideoFrame, kind: str) -> bytes:
+    codec = av.CodecContext.create("mjpeg" if kind == JPEG else "png", "w")
+    codec.width, codec.height = frame.width, frame.height
+    codec.pix_fmt = "yuvj420p" if kind == JPEG else "rgb24"
+    codec.time_base = fractions.Fraction(1, 25)
+    image = frame.reformat(format=codec.pix_fmt)
+    image.pts, image.time_base = 0, codec.time_base
+    return b"".join(bytes(p) for p in codec.encode(image))
+
+
+@pytest.fixture(scope="module")
+def video_frame(shared_video_paths) -> av.VideoFrame:
+    path = next(p for p in shared_video_paths if p.name == "demo.mp4")
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0))
+
+
+def test_payload_kinds_sizes_and_timestamps(video_frame):
+    jpeg, png = _encode(video_frame, JPEG), _encode(video_frame, PNG)
+    assert parse_message(jpeg).kind == JPEG and parse_message(png).kind == PNG
+    assert image_dimensions(JPEG, jpeg) == (340, 256) == image_dimensions(PNG, png)
+    stamped = parse_message(b"ASTS" + struct.pack(">d", 1.25) + jpeg)
+    assert (stamped.kind, stamped.timestamp, stamped.body) == (JPEG, 1.25, jpeg)
+    assert parse_message(bytes([0x47]) + bytes(187) + bytes([0x47]) + bytes(187)).kind == MPEGTS
+    for bad, code in [(b"hello world", "unsupported_payload"), (b"ASTS\x00", "malformed_frame"),
+                      (b"ASTS" + struct.pack(">d", math.nan) + jpeg, "malformed_frame")]:
+        with pytest.raises(PayloadError) as info:
+            parse_message(bad)
+        assert info.value.code == code
+    with pytest.raises(PayloadError, match="frame header"):
+        image_dimensions(JPEG, jpeg[:20])
+    decoder = ImageDecoder()
+    with pytest.raises(PayloadError):
+        decoder.decode(JPEG, b"\xff\xd8\xff" + bytes(100))
+    assert decoder.decode(JPEG, jpeg).width == 340  # a bad image does not poison the next one
+
+
+def test_serving_transform_equals_the_training_evaluation_transform(shared_video_paths):
+    """decode_clip (swscale, centre square) + the DALI evaluation stage == FrameTransform + normalise."""
+    from pipelines.data.dali import AugmentConfig, ClipAugmenter
+    from pipelines.data.decode import DecodeConfig, decode_clip
+
+    path = next(p for p in shared_video_paths if p.name == "demo.mp4")
+    result = decode_clip(str(path), DecodeConfig(num_frames=4, size=72))
+    training = ClipAugmenter(AugmentConfig(crop_size=64, resize_size=72), training=False, max_batch_size=1,
+                             device_id=None)(result.clip[None])[0]
+    transform = FrameTransform(Preprocess(size=72, crop_size=64))
+    wanted = set(int(i) for i in result.indices)
+    served = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                served[i] = transform(frame)
+    ours = to_model_input(np.stack([served[int(i)] for i in result.indices]))
+    torch.testing.assert_close(ours, training, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return build_model("adafocus_v2", "tiny", num_classes=4, input_size=64, patch_size=32, glance_size=32).eval()
+
+
+def test_engine_batches_streams_exactly_like_separate_steps(small_model):
+    engine = StepEngine(small_model)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)  # 3 streams x 2 frames
+    # Batched: both frames of the three streams, one pass per time step.
+    states = [None, None, None]
+    batched = []
+    for t in range(2):
+        results = engine.run([StepRequest(f"s{i}", frames[i, t], states[i]) for i in range(3)])
+        states = [r.state for r in results]
+        batched.append(results)
+    assert all(r.batch_size == 3 for r in batched[0])
+    # Alone: each stream through its own two steps.
+    for i in range(3):
+        state = None
+        for t in range(2):
+            (alone,) = engine.run([StepRequest(f"s{i}", frames[i, t], state)])
+            state = alone.state
+            np.testing.assert_allclose(alone.logits, batched[t][i].logits, atol=1e-5)
+        assert int(state["t"][0]) == 2
+
+
+def test_engine_never_puts_two_frames_of_one_stream_in_a_pass(small_model):
+    engine = StepEngine(small_model)
+    rng = np.random.default_rng(1)
+    f = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    # Two frames of stream "a" in one call: the second must see the state after the first.
+    first, second, other = engine.run([StepRequest("a", f[0]), StepRequest("a", f[1]), StepRequest("b", f[0])])
+    assert (first.batch_size, second.batch_size) == (2, 1)
+    (ref1,) = engine.run([StepRequest("a", f[0])])
+    (ref2,) = engine.run([StepRequest("a", f[1], ref1.state)])
+    np.testing.assert_allclose(second.logits, ref2.logits, atol=1e-5)
+    np.testing.assert_allclose(other.logits, first.logits, atol=1e-5)
+    assert 0 <= min(first.box) and max(first.box) <= 1 and first.macs == small_model.step_macs()
+
+
+# ----------------------------------------------------------------------------------------- events
+def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
+    async def scenario():
+        log = EventLog("cam", maxlen=4, subscriber_queue=8)
+        for i in range(6):
+            log.publish("prediction", i=i)
+        late = log.subscribe(after_seq=3)  # the ring still holds 3..6
+        replayed = [(await late.get()).seq for _ in range(3)]
+        slow = EventLog("cam", maxlen=4, subscriber_queue=2)
+        subscriber = slow.subscribe()
+        for i in range(3):
+            slow.publish("prediction", i=i)  # one more than the subscriber's queue holds
+        lagged = await subscriber.get()
+        following = await subscriber.get()
+        slow.end()
+        return replayed, lagged, [following.seq, (await subscriber.get()).seq], await subscriber.get()
+
+    replayed, lagged, rest, end = asyncio.run(scenario())
+    assert replayed == [4, 5, 6]
+    assert lagged.type == "lagged" and '"lost_events":1' in lagged.data
+    assert rest == [2, 3] and end is None  # the oldest was dropped, order is kept, then the end
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_config_needs_a_token_beyond_loopback(monkeypatch):
+    monkeypatch.delenv("ADASTREAM_TOKEN", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    with pytest.raises(ConfigError, match="requires a token"):
+        ServeConfig(host="0.0.0.0").resolved()
+    monkeypatch.setenv("ADASTREAM_TOKEN", "s3cret")
+    assert ServeConfig(host="0.0.0.0").resolved().auth_token == "s3cret"
+    config = load_serve_config(None, ["budget=0.5", "max_streams=9", "tracking_uri=sqlite:///x.db"])
+    assert (config.budget, config.max_streams) == ("0.5", 9)
+    assert config.resolved().tracking_uri.startswith("sqlite:////")
+    with pytest.raises(ConfigError, match="unknown"):
+        load_serve_config(None, ["max_stream=9"])
+    assert ServeConfig(host="0.0.0.0", auth_token="x").resolved().local_files_allowed is False
