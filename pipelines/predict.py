@@ -98,7 +98,8 @@ def predict(loaded: Any, video: str, budget: str | None = "auto", top_k: int = 5
             probs = torch.softmax(logits[0].double(), dim=-1)
             best = int(probs.argmax())
             box = extra.get("boxes")
-            steps.append(StepTrace(t, int(decoded.indices[t]), _label(loaded.classes, best), round(float(probs[best]), 5),
+            steps.append(StepTrace(t, int(decoded.indices[t]), _label(loaded.classes, best),
+                                   round(float(probs[best]), 5),
                                    [round(float(v), 4) for v in box[0]] if box is not None else [],
                                    round(spent / 1e9, 6)))
             if bool(policy.should_exit(logits, t).item()):

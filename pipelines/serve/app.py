@@ -81,10 +81,11 @@ def start(config: ServeConfig, *, address: str | None = None, blocking: bool = F
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # No address: a Ray of our own ("local"), never whatever cluster happens to run on this machine.
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=True)
-    serve.start(http_options={"host": config.host, "port": config.port},
-                logging_config={"enable_access_log": False, "log_level": os.environ.get("ADASTREAM_SERVE_LOG_LEVEL", "WARNING")})
+    # Per-request access logs cost more than a frame's processing; ADASTREAM_SERVE_LOG_LEVEL=INFO for debugging.
+    logging_config = {"enable_access_log": False, "log_level": os.environ.get("ADASTREAM_SERVE_LOG_LEVEL", "WARNING")}
+    serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False,
-              logging_config={"enable_access_log": False, "log_level": os.environ.get("ADASTREAM_SERVE_LOG_LEVEL", "WARNING")})
+              logging_config=logging_config)
     logger.info("AdaStream serving %s at %s", config.model_uri, config.url)
     print(f"AdaStream serving {config.model_uri} at {config.url}  (API docs: {config.url}/docs)", flush=True)
     if blocking:

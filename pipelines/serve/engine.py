@@ -14,6 +14,7 @@ the in-process baseline of ``benchmarks/serve_load.py``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,7 @@ class StepEngine:
         return [r for r in results if r is not None]
 
     def _step(self, batch: list[StepRequest], states: list[StateArrays | None]) -> list[StepResult]:
+        started = time.perf_counter()
         frames = to_model_input(np.stack([r.frame for r in batch]), self.device)  # stack copies
         state = stack_states([self._state_tensors(s) for s in states])
         out = self.model.step(frames, state)
@@ -109,8 +111,10 @@ class StepEngine:
         boxes = out.extra.get("boxes")
         boxes = boxes.float().to("cpu").numpy() if boxes is not None else np.full((len(batch), 4), np.nan)
         new_states = state_to_arrays(out.state)
+        compute_ms = round((time.perf_counter() - started) * 1e3, 3)
         return [StepResult(logits=logits[i].copy(), state=new_states[i], macs=float(macs[i]),
-                           box=[round(float(v), 4) for v in boxes[i]], batch_size=len(batch), replica=self.replica)
+                           box=[round(float(v), 4) for v in boxes[i]], batch_size=len(batch), replica=self.replica,
+                           extra={"compute_ms": compute_ms})
                 for i in range(len(batch))]
 
     def _state_tensors(self, state: StateArrays | None) -> dict[str, torch.Tensor]:

@@ -90,6 +90,7 @@ class Pending:
     pts: float | None  # the frame's own media timestamp (as the source/client gave it), if any
     received: float  # time.monotonic() when the frame arrived
     produce: Callable[[], np.ndarray]  # -> uint8 [crop, crop, 3]; runs in a worker thread
+    timing: dict[str, float] | None = None  # latency breakdown, filled in by the worker
 
 
 @dataclass
@@ -364,6 +365,7 @@ class StreamSession:
         if self.window_final:
             self.counters.skipped_after_exit += 1  # queued before the exit was known
             return
+        picked = time.monotonic()
         try:
             image = await self.hub.run_blocking(item.produce)
         except PayloadError as error:
@@ -371,6 +373,7 @@ class StreamSession:
             self.counters.errors += 1
             self.events.publish("error", code=error.code, message=str(error), frame_index=item.frame_index)
             return
+        decoded = time.monotonic()
         request = StepRequest(self.id, image, self.state)
         try:
             result = await self._step(request)
@@ -383,6 +386,11 @@ class StreamSession:
             self.windower.close(self.window)
             self.hub.changed(self)
             return
+        # Where a frame's latency went: waiting for the stream's worker, decode + transform, the step
+        # (batching, the trip to the recognizer and back, the forward pass), of which the forward pass.
+        item.timing = {"queue": round(1e3 * (picked - item.received), 2), "decode": round(1e3 * (decoded - picked), 2),
+                       "step": round(1e3 * (time.monotonic() - decoded), 2),
+                       "model": result.extra.get("compute_ms")}
         self._after_step(item, result)
 
     async def _step(self, request: StepRequest) -> StepResult:
@@ -422,7 +430,7 @@ class StreamSession:
             self.window_final = True
             return
         self.window_final = True
-        final = dict(self.last_prediction, final=True, exited=False, reason=reason, latency_ms=None)
+        final = dict(self.last_prediction, final=True, exited=False, reason=reason, latency_ms=None, timing_ms=None)
         self.events.publish("prediction", **final)
         self.hub.changed(self)
 
@@ -465,7 +473,8 @@ class StreamSession:
                        "prob": round(float(probs[i]), 5)} for i in top],
             "exited": exited, "final": final, "reason": reason, "box": result.box,
             "gflops": round(self.window_macs / 1e9, 6), "stream_gflops": round(self.counters.gflops_spent, 6),
-            "budget": choice.budget, "latency_ms": round(latency, 2), "batch_size": result.batch_size,
+            "budget": choice.budget, "latency_ms": round(latency, 2), "timing_ms": item.timing,
+            "batch_size": result.batch_size,
         }
         self.last_prediction = prediction
         if self.settings.emit == "steps" or final:
