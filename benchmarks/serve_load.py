@@ -5,7 +5,7 @@ without, their frame latency, and what Ray Serve adds per frame over calling the
     python benchmarks/serve_load.py                        # the demo model (sqlite:///mlflow.db)
     python benchmarks/serve_load.py --tracking-uri sqlite:////path/mlflow.db --budget 0.03
     python benchmarks/serve_load.py --transports pull      # only the MPEG-TS-over-UDP capacity search
-    python benchmarks/serve_load.py --quick                # shorter trials (noisier numbers)
+    python benchmarks/serve_load.py --quick                # shorter trials, coarser search (~5 min)
 
 What runs: a local Ray with the serving app (one Recognizer replica, one Ingress) on loopback, and in
 this process the load generators, over real sockets:
@@ -221,10 +221,19 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
             pass
         s.closed = True
 
-    for s in stats:
-        ws = await websockets.connect(f"{ws_base}/v1/streams/{s.stream_id}/ws?budget={budget}", proxy=None,
-                                      max_size=None, open_timeout=60, compression=None)
-        connections.append((ws, asyncio.create_task(reader(ws, s))))
+    try:
+        for s in stats:
+            ws = await websockets.connect(f"{ws_base}/v1/streams/{s.stream_id}/ws?budget={budget}", proxy=None,
+                                          max_size=None, open_timeout=60, compression=None)
+            connections.append((ws, asyncio.create_task(reader(ws, s))))
+    except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as error:
+        # An overloaded server that stops accepting connections has not sustained this load.
+        for ws, task in connections:
+            await ws.close()
+            task.cancel()
+        await asyncio.sleep(5.0)
+        return Trial(n, budget, False, f"connections refused ({type(error).__name__})", float("nan"),
+                     float("nan"), float("nan"), float("nan"), 0, 0, 0, 0, 0, 0.0)
     total = warmup + duration
     ticks = int(total * fps)
     interval = 1.0 / fps
@@ -378,7 +387,7 @@ def free_udp_ports(count: int) -> list[int]:
 
 
 def _summaries(base_url: str) -> dict[str, dict]:
-    return {s["stream_id"]: s for s in requests.get(f"{base_url}/v1/streams", timeout=60).json()["streams"]}
+    return {s["stream_id"]: s for s in requests.get(f"{base_url}/v1/streams", timeout=30).json()["streams"]}
 
 
 async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, float, float],
@@ -402,16 +411,29 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
             except requests.RequestException as error:
                 log(f"    (could not delete {sid}: {error})")
 
-    await loop.run_in_executor(None, create)
-    await asyncio.sleep(args.warmup)
-    before = await loop.run_in_executor(None, _summaries, base_url)
-    cpu_from, measured_from = serve_cpu_seconds(), time.monotonic()
-    await asyncio.sleep(args.duration)
-    cpu_used, measured_s = serve_cpu_seconds() - cpu_from, time.monotonic() - measured_from
-    after = await loop.run_in_executor(None, _summaries, base_url)
-    sender.halt.set()
-    await loop.run_in_executor(None, delete)
-    sender.join(5)
+    unresponsive = ""
+    before: dict[str, dict] = {}
+    after: dict[str, dict] = {}
+    cpu_used = measured_s = float("nan")
+    try:
+        await loop.run_in_executor(None, create)
+        await asyncio.sleep(args.warmup)
+        before = await loop.run_in_executor(None, _summaries, base_url)
+        cpu_from, measured_from = serve_cpu_seconds(), time.monotonic()
+        await asyncio.sleep(args.duration)
+        cpu_used, measured_s = serve_cpu_seconds() - cpu_from, time.monotonic() - measured_from
+        after = await loop.run_in_executor(None, _summaries, base_url)
+    except (requests.RequestException, ValueError, KeyError) as error:
+        # An overloaded server whose API stops answering has not sustained this load.
+        unresponsive = f"API unresponsive ({type(error).__name__})"
+    finally:
+        sender.halt.set()
+        await loop.run_in_executor(None, delete)
+        sender.join(5)
+    if unresponsive:
+        await asyncio.sleep(5.0)  # let the server drain before the next trial
+        return Trial(n, budget, False, unresponsive, float("nan"), float("nan"), float("nan"), float("nan"),
+                     0, 0, 0, 0, 0, sender.late)
 
     sampled = dropped = steps = windows = exits = 0
     p50s, p99s, fps = [], [], []
@@ -452,7 +474,7 @@ def limits_of(args: argparse.Namespace) -> dict[str, float]:
 
 async def capacity(base_url: str, budget: str, transport: str, media: dict[str, Any], args: argparse.Namespace,
                    trials: list[Trial]) -> Trial | None:
-    """Largest sustained N: double from ``--start-streams``, then bisect to within 10 %."""
+    """Largest sustained N: double from ``--start-streams``, then bisect to within ``--resolution``."""
     best: Trial | None = None
     low, high = 0, None
     n = args.start_streams
@@ -475,7 +497,7 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
                 break
             n = min(n * 2, args.max_streams)
         else:
-            if high - low <= max(1, int(0.1 * high)):
+            if high - low <= max(1, int(args.resolution * high)):
                 break
             n = (low + high) // 2
             if n == low:
@@ -513,24 +535,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=float, default=0.02, help="largest share of sampled frames dropped")
     parser.add_argument("--colocate", action="store_true", help="run the capacity search with colocate_model=true")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--quick", action="store_true", help="short trials (numbers get noisier)")
+    parser.add_argument("--resolution", type=float, default=0.1,
+                        help="stop bisecting the sustained N when the bracket is within this share of it")
+    parser.add_argument("--quick", action="store_true",
+                        help="short trials and a coarser search (20 %%): a few minutes, noisier numbers")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.duration, args.latency_duration = 3.0, 5.0, 6.0
+        args.resolution = max(args.resolution, 0.2)
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t_start = time.time()
 
+    from pipelines.registry import load_registered_model
     from pipelines.serve import ServeConfig, start
-    from pipelines.serve.recognizer import load_model
     from pipelines.serve.budgets import ExitCatalog
     from pipelines.serve.config import DEFAULT_TRACKING_URI, absolute_tracking_uri
 
     tracking = absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     try:
-        loaded = load_model(args.model, tracking)
+        loaded = load_registered_model(args.model, tracking_uri=tracking)
     except Exception as error:  # noqa: BLE001
         log(f"serve_load: cannot load {args.model} from {tracking} ({error}); run `make demo` first")
         return 2

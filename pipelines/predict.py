@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from pipelines.serve.recognizer import load_model
+        from pipelines.registry import load_registered_model
 
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        loaded = load_model(args.model, tracking, args.device)
+        loaded = load_registered_model(args.model, tracking_uri=tracking, device=args.device)
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean "no model"
         print(f"predict: cannot load {args.model} from {tracking}: {type(error).__name__}: {error}\n"
               f"  (train and register one with `python pipelines/train.py`, or pass --model/--tracking-uri)",

@@ -212,13 +212,18 @@ def paced(items: Iterator[tuple[float, bytes]], speed: float) -> AsyncIterator[b
 
 
 # ------------------------------------------------------------------------------------------ push
-def ws_url(options: ClientOptions, stream_id: str, after: int | None = None, window: int | None = None) -> str:
+def ws_url(options: ClientOptions, stream_id: str, after: int | None = None, window: int | None = None,
+           open_window: int | None = None, open_steps: int | None = None) -> str:
+    """The stream's WebSocket URL; on reconnection with what the client has seen so far (``after``:
+    the last event, ``window``: the last window whose result arrived, ``open_window`` / ``open_steps``:
+    a later window whose steps arrived without its result), so the server continues exactly there."""
     parts = urlsplit(options.server)
     scheme = "wss" if parts.scheme == "https" else "ws"
     query = {k: v for k, v in {"token": options.token, "budget": options.budget,
                                 "window_frames": options.window_frames, "window_seconds": options.window_seconds,
                                 "top_k": options.top_k, "emit": options.emit, "drop_policy": options.drop_policy,
-                                "after": after}.items()
+                                "after": after, "window": window, "open_window": open_window,
+                                "open_steps": open_steps}.items()
              if v is not None}
     path = parts.path.rstrip("/") + f"/v1/streams/{stream_id}/ws"
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
@@ -242,16 +247,24 @@ async def push(source: str, options: ClientOptions, on_event: Callable[[dict], N
         messages = paced(items, options.speed)
     last_seq: int | None = None
     last_window: int | None = None  # the last window whose result arrived (told to the server on reconnect)
+    open_window: int | None = None  # a later window whose steps arrived, but not (yet) its result
+    open_steps = 0
     ended = asyncio.Event()
     source_done = False
     pending: bytes | None = None
 
     def handle(text: str) -> None:
-        nonlocal last_seq, last_window
+        nonlocal last_seq, last_window, open_window, open_steps
         event = json.loads(text)
         last_seq = event.get("seq", last_seq)
-        if event.get("type") == "prediction" and event.get("final"):
-            last_window = event["window"]
+        if event.get("type") == "prediction":
+            if event.get("final"):
+                if last_window is None or event["window"] >= last_window:
+                    last_window = event["window"]
+                if open_window is not None and open_window <= last_window:
+                    open_window, open_steps = None, 0
+            elif last_window is None or event["window"] > last_window:
+                open_window, open_steps = event["window"], event.get("step", 0) + 1
         result.events.append(event)
         if on_event is not None:
             on_event(event)
@@ -261,7 +274,8 @@ async def push(source: str, options: ClientOptions, on_event: Callable[[dict], N
     deadline = None
     while True:
         try:
-            async with websockets.connect(ws_url(options, stream_id, last_seq, last_window), max_size=None,
+            async with websockets.connect(ws_url(options, stream_id, last_seq, last_window, open_window,
+                                                 open_steps or None), max_size=None,
                                           open_timeout=30) as ws:
                 deadline = None
 

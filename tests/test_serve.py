@@ -254,3 +254,72 @@ def test_config_needs_a_token_beyond_loopback(monkeypatch):
     with pytest.raises(ConfigError, match="unknown"):
         load_serve_config(None, ["max_stream=9"])
     assert ServeConfig(host="0.0.0.0", auth_token="x").resolved().local_files_allowed is False
+
+
+# ----------------------------------------------------------------------------------------- resumption
+class _FakeHub:
+    """Just enough of the ingress for a StreamSession (no model: nothing is stepped here)."""
+
+    def __init__(self) -> None:
+        self.config = ServeConfig()
+        self.catalog = ExitCatalog.from_exits(_exits(), num_frames=4)
+        self.classes = ["a", "b", "c", "d"]
+        self.step_macs = 1e7
+        self.loop = asyncio.get_running_loop()
+
+    async def step(self, request):  # noqa: ANN001, ANN201 - never called here
+        raise AssertionError("no frames in this test")
+
+    def default_choice(self):  # noqa: ANN201
+        return self.catalog.resolve("auto")
+
+    def run_blocking(self, fn):  # noqa: ANN001, ANN201
+        return self.loop.run_in_executor(None, fn)
+
+    def changed(self, session) -> None:  # noqa: ANN001
+        pass
+
+
+def test_a_reconnecting_client_resumes_where_it_was_and_is_told_about_restarts():
+    """After an ingress replica dies, the next one merges the directory's record (synced a moment
+    behind) with what the client says it saw: a window the client saw in progress restarts with an
+    explicit event even when the record had not heard of it, a window it saw finish does not, and a
+    window result the old replica published but the client never got is delivered again."""
+    from pipelines.serve.ingress import _merge_client_view
+    from pipelines.serve.stream import PUSH, StreamSession, parse_settings
+    from pipelines.stream_client import ClientOptions, ws_url
+
+    record = {"kind": PUSH, "window": 2, "steps": 0, "final": True, "seq": 20, "frames": 40, "stream_time": 4.0,
+              "last_final": {"seq": 20, "fields": {"window": 2, "step": 2, "final": True, "reason": "exit"}}}
+    # The record says window 2 finished; the client got that and steps of window 3 the record missed.
+    merged = _merge_client_view(record, after=23, seen_window=2, open_window=3, open_steps=2)
+    assert (merged["window"], merged["final"], merged["steps"], merged["seq"]) == (3, False, 2, 23)
+    # The record is ahead of a client that saw window 3 finish: nothing restarts.
+    ahead = dict(record, window=3, final=False, steps=1)
+    assert _merge_client_view(ahead, after=30, seen_window=3, open_window=None)["final"] is True
+    # A stale open window (older than the last result seen) is ignored.
+    assert _merge_client_view(record, after=23, seen_window=2, open_window=2)["window"] == 2
+    assert _merge_client_view(None, None, None) is None
+
+    async def session_events(resume: dict) -> list[dict]:
+        import json
+
+        hub = _FakeHub()
+        settings = parse_settings(hub.config, 4, window_seconds=0.8)
+        session = StreamSession(hub, "cam", PUSH, settings, resume=resume)
+        events = [json.loads(e.data) for e in session.events.ring]
+        await session.close("test")
+        return events
+
+    events = asyncio.run(session_events(merged))
+    assert [e["type"] for e in events] == ["stream_started", "window_restarted"]
+    assert events[0]["resumed"] and events[0]["seq"] == 24  # numbering continues after what the client saw
+    assert (events[1]["window"], events[1]["lost_steps"]) == (3, 2)
+    # The client missed window 2's result (it saw events up to 19): it is sent again.
+    events = asyncio.run(session_events(_merge_client_view(record, after=19, seen_window=1)))
+    assert [e["type"] for e in events] == ["stream_started", "prediction"]
+    assert events[1]["window"] == 2 and events[1]["replayed"] and events[1]["final"]
+
+    url = ws_url(ClientOptions(server="http://h:1", token="t"), "cam", after=23, window=2, open_window=3,
+                 open_steps=2)
+    assert url == "ws://h:1/v1/streams/cam/ws?token=t&after=23&window=2&open_window=3&open_steps=2"

@@ -32,6 +32,7 @@ class StreamDirectory:
         self.heartbeats: dict[str, float] = {}
         self.delete_requests: set[str] = set()
         self.budget: str | None = None
+        self.budget_version = 0
 
     def _alive(self, owner: str, now: float) -> bool:
         return now - self.heartbeats.get(owner, 0.0) <= self.stale_after_s
@@ -59,7 +60,7 @@ class StreamDirectory:
         orphans = [r for r in self.records.values()
                    if r.get("kind") == "pull" and r["owner"] != owner and not self._alive(r["owner"], now)
                    and not r.get("closed")]
-        return {"delete": deletes, "orphans": orphans, "budget": self.budget}
+        return {"delete": deletes, "orphans": orphans, "budget": self.budget, "budget_version": self.budget_version}
 
     async def claim(self, stream_id: str, owner: str) -> dict[str, Any] | None:
         """Take a stream over (a reconnecting client, an orphan); returns its previous record, if any.
@@ -91,8 +92,11 @@ class StreamDirectory:
         self.delete_requests.add(stream_id)
         return True
 
-    async def set_budget(self, budget: str | None) -> None:
+    async def set_budget(self, budget: str | None) -> int:
+        """The server-wide budget; returns its version (replicas apply only versions newer than theirs)."""
         self.budget = budget
+        self.budget_version += 1
+        return self.budget_version
 
     async def get_budget(self) -> str | None:
         return self.budget

@@ -169,18 +169,28 @@ class _PushChannel:
 
 # Helpers the routes use must exist before the class: @serve.ingress freezes (pickles) the FastAPI app,
 # routes and the globals they see, while the class is being defined.
-def _merge_client_view(record: dict[str, Any] | None, after: int | None,
-                       seen_window: int | None) -> dict[str, Any] | None:
+def _merge_client_view(record: dict[str, Any] | None, after: int | None, seen_window: int | None,
+                       open_window: int | None = None, open_steps: int | None = None) -> dict[str, Any] | None:
     """A reconnecting client knows what it saw (``after``: its last event; ``window``: the last window
-    whose result it got), which can be newer than the directory's record (synced a moment behind):
-    numbering continues after what the client saw, and a window it saw finish is not restarted."""
-    if record is None and after is None and seen_window is None:
+    whose result it got; ``open_window`` / ``open_steps``: a window it saw steps of but not the result),
+    which can be newer than the directory's record (synced a moment behind): numbering continues after
+    what the client saw, a window it saw finish is not restarted, and a window it saw in progress is
+    restarted -- with a ``window_restarted`` event -- even when the record had not heard of it yet."""
+    if record is None and after is None and seen_window is None and open_window is None:
         return None
     merged = dict(record or {"kind": PUSH, "window": -1, "steps": 0, "final": True, "seq": 0})
+    merged["client_after"] = after
     if after is not None:
         merged["seq"] = max(int(merged.get("seq", 0)), after)
     if seen_window is not None and seen_window >= int(merged.get("window", -1)):
         merged.update(window=seen_window, final=True, steps=0)
+    if open_window is not None and open_window > int(merged.get("window", -1)) \
+            and (seen_window is None or open_window > seen_window):
+        # The previous replica had started this window (the client got some of its steps) after its
+        # last report to the directory: its recurrent state is lost, so the window restarts.
+        merged.update(window=open_window, final=False, steps=max(0, int(open_steps or 0)))
+    elif open_window is not None and open_window == int(merged.get("window", -1)) and not merged.get("final"):
+        merged["steps"] = max(int(merged.get("steps", 0)), int(open_steps or 0))
     return merged
 
 
@@ -252,6 +262,7 @@ class Ingress:
         self.preprocess = Preprocess.from_data(self.meta["data"], self.meta["input_size"])
         self.catalog = ExitCatalog.from_exits(self.meta["exits"], self.num_frames, config.auto_tolerance)
         self._default = self.catalog.resolve(config.budget)
+        self._budget_version = 0  # of the server-wide budget in the directory, last set or applied here
         for warning in self.meta.get("warnings", []):
             logger.warning("Ingress: %s", warning)
         self.sessions: dict[str, StreamSession] = {}
@@ -273,12 +284,13 @@ class Ingress:
         """``colocate_model``: the model lives in this replica (see ServeConfig.colocate_model)."""
         import torch
 
+        from pipelines.registry import load_registered_model
         from pipelines.serve.engine import StepEngine
-        from pipelines.serve.recognizer import load_model, model_metadata, resolve_device
+        from pipelines.serve.recognizer import model_metadata, resolve_device
 
         torch.set_num_threads(self.config.torch_threads)
         device = resolve_device(self.config.device)
-        loaded = load_model(self.config.model_uri, self.config.tracking_uri, device)
+        loaded = load_registered_model(self.config.model_uri, tracking_uri=self.config.tracking_uri, device=device)
         self.local_engine = StepEngine(loaded.model, device, replica=self.replica)
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._local_step.set_max_batch_size(self.config.max_batch_size)
@@ -482,10 +494,14 @@ class Ingress:
             session = self.sessions.get(stream_id)
             if session is not None:
                 await self._delete(session)
-        budget = reply.get("budget")
-        if budget is not None and budget != self._default.budget:
+        # Only a newer server-wide budget than this replica last set or applied: a reply computed
+        # before this replica's own PUT must not undo it.
+        budget, version = reply.get("budget"), int(reply.get("budget_version", 0))
+        if budget is not None and version > self._budget_version:
+            self._budget_version = version
             try:
-                self._set_default(self.catalog.resolve(budget), publish=True)
+                if budget != self._default.budget:
+                    self._set_default(self.catalog.resolve(budget), publish=True)
             except BudgetError:
                 pass
         for record in reply.get("orphans", []):
@@ -593,7 +609,8 @@ class Ingress:
             raise HTTPException(422, str(error)) from None
         self._set_default(choice, publish=True)
         try:
-            await asyncio.wait_for(self.directory.set_budget.remote(choice.budget), timeout=5)
+            version = await asyncio.wait_for(self.directory.set_budget.remote(choice.budget), timeout=5)
+            self._budget_version = max(self._budget_version, int(version))
         except Exception as error:  # noqa: BLE001 - other replicas learn it on a later change
             logger.warning("could not record the budget in the directory: %s", error)
         return {"budget": choice.to_dict()}
@@ -737,7 +754,9 @@ class Ingress:
     async def push(self, websocket: WebSocket, stream_id: str) -> None:
         """Push frames of stream ``stream_id``; query parameters: token, budget, window_frames,
         window_seconds, fps, top_k, emit, drop_policy, and on reconnection ``after`` (the last event
-        seq seen) and ``window`` (the last window whose result was seen). Close codes: module docstring."""
+        seq seen), ``window`` (the last window whose result was seen) and ``open_window`` /
+        ``open_steps`` (a later window whose steps were seen, but not its result). Close codes: module
+        docstring."""
         await websocket.accept()
         params = websocket.query_params
         header = websocket.headers.get("authorization", "")
@@ -819,7 +838,8 @@ class Ingress:
         if previous is not None and previous.get("settings") and params.get("budget") is None:
             settings.budget = previous["settings"].get("budget")
         return self._new_session(stream_id, PUSH, settings, None,
-                                 _merge_client_view(previous, _int(params.get("after")), _int(params.get("window"))))
+                                 _merge_client_view(previous, _int(params.get("after")), _int(params.get("window")),
+                                                    _int(params.get("open_window")), _int(params.get("open_steps"))))
 
     async def _send_events(self, channel: _PushChannel, subscriber: Any) -> None:
         websocket = channel.websocket

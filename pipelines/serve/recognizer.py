@@ -30,21 +30,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(model_uri: str, tracking_uri: str | None, device: str = "cpu") -> Any:
-    """The registered model, with MLflow pointed at ``tracking_uri`` for this process -- tracking *and*
-    registry, which ``models:/`` URIs resolve against (MLflow 3.17's ``download_artifacts`` does not
-    pass a ``registry_uri`` on to the alias lookup and falls back to ``./mlflow.db``). Serving
-    processes serve one model, so setting it process-wide is what they want."""
-    import mlflow
-
-    from pipelines.registry import load_registered_model
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    return load_registered_model(model_uri, tracking_uri=tracking_uri, device=device)
-
-
 def model_metadata(loaded: Any) -> dict[str, Any]:
     """What the ingress needs to know about the model (no weights)."""
     model = loaded.model
@@ -66,11 +51,13 @@ class Recognizer:
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
+        from pipelines.registry import load_registered_model
+
         torch.set_num_threads(config.torch_threads)
         self.config = config
         device = resolve_device(config.device)
         started = time.perf_counter()
-        loaded = load_model(config.model_uri, config.tracking_uri, device)
+        loaded = load_registered_model(config.model_uri, tracking_uri=config.tracking_uri, device=device)
         self.meta = model_metadata(loaded)
         self.meta["model_uri"] = config.model_uri
         for warning in self.meta["warnings"]:

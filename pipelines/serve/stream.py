@@ -233,6 +233,9 @@ class StreamSession:
         self.window_final = True
         self.state: StateArrays | None = None
         self.last_prediction: dict[str, Any] | None = None
+        # The last window result ({"seq", "fields"}): kept in the directory record, so a client whose
+        # connection died before that event reached it gets it again from the next replica.
+        self.last_final: dict[str, Any] | None = (resume or {}).get("last_final")
 
         self.pending: deque[Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -252,6 +255,10 @@ class StreamSession:
             self.events.publish("window_restarted", window=restarted["window"], lost_steps=restarted["steps"],
                                 reason="the replica serving this stream was lost; the window's recurrent "
                                        "state is re-created from scratch")
+        client_after = (resume or {}).get("client_after")
+        if self.last_final and client_after is not None and client_after < self.last_final["seq"]:
+            # The previous replica published this window's result, but the client never saw it.
+            self.events.publish("prediction", **dict(self.last_final["fields"], replayed=True))
 
     # ------------------------------------------------------------------ resumption
     def _resume_point(self, record: dict[str, Any] | None) -> tuple[int, dict | None]:
@@ -431,7 +438,8 @@ class StreamSession:
             return
         self.window_final = True
         final = dict(self.last_prediction, final=True, exited=False, reason=reason, latency_ms=None, timing_ms=None)
-        self.events.publish("prediction", **final)
+        event = self.events.publish("prediction", **final)
+        self.last_final = {"seq": event.seq, "fields": final}
         self.hub.changed(self)
 
     def _after_step(self, item: Pending, result: StepResult) -> None:
@@ -478,7 +486,9 @@ class StreamSession:
         }
         self.last_prediction = prediction
         if self.settings.emit == "steps" or final:
-            self.events.publish("prediction", **prediction)
+            event = self.events.publish("prediction", **prediction)
+            if final:
+                self.last_final = {"seq": event.seq, "fields": prediction}
 
     # ------------------------------------------------------------------ lifecycle
     def set_status(self, status: str, message: str = "") -> None:
@@ -545,7 +555,7 @@ class StreamSession:
                 "final": self.window_final, "frames": self.frame_offset + self.counters.frames_received,
                 "stream_time": self.clock.last, "status": self.status, "message": self.status_message,
                 "connected": self.connected, "counters": self.counters.to_dict(), "updated": time.time(),
-                "closed": self.closed}
+                "closed": self.closed, "last_final": self.last_final}
 
 
 def _as_tensor(logits: np.ndarray) -> Any:
