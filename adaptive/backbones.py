@@ -17,10 +17,13 @@ truncated glance encoder) loads too.
 Tiny configuration (trains in minutes on 2 CPU cores):
 
 * glance ``BackboneConfig.tiny_mobilenet()``: MobileNetV2, width multiplier 0.5,
-  truncated after the stride-16 stage (torchvision ``features[:14]``, 48
-  channels) and closed by a 1x1 conv to 128 channels -- the tiny counterpart of
-  MobileNetV2's final 1280-channel layer.  On a 48x48 glance (the paper's
-  96/224 of the frame side, for 112x112 frames) it gives 3x3 maps, 3.2 MMACs.
+  truncated after the stride-8 stage and closed by a 1x1 conv to 128
+  channels -- the tiny counterpart of MobileNetV2's final 1280-channel layer.
+  On a 32x32 glance of a 112x112 frame it gives 4x4 maps (the paper's 96 px
+  glance gives 3x3).  The glance is 3.5x smaller than the frame, not the
+  paper's 2.3x, because the synthetic benchmark's class texture survives a
+  2-2.5x downsampling (docs/synthetic_benchmark.md, "Limits"): at 48 px the
+  glance alone reads the class and the patch has nothing left to add.
 * local ``BackboneConfig.tiny_resnet()``: ResNet-18 at a quarter of the width
   (BasicBlocks 2-2-2-2, stage widths 16/32/64/128 instead of 64/128/256/512),
   torchvision's 7x7-stride-2 stem and max-pool, output stride 32: 11.1 MMACs
@@ -96,7 +99,7 @@ class BackboneConfig:
 
     @classmethod
     def tiny_mobilenet(cls) -> "BackboneConfig":
-        return cls(arch="mobilenet_v2", width_mult=0.5, output_stride=16, out_channels=128)
+        return cls(arch="mobilenet_v2", width_mult=0.5, output_stride=8, out_channels=128)
 
     @classmethod
     def tiny_resnet(cls) -> "BackboneConfig":

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import BackboneConfig, build_backbone
-from .flops import FlopsProfile, count_macs
+from .flops import count_macs
 from .heads import AccumulatedMaxPoolClassifier
 from .interface import AdaptiveVideoModel, ClipOutput, State, StepOutput, register_model
 
@@ -34,7 +34,7 @@ class FullFrameConfig:
 
     num_classes: int = 8
     input_size: int = 112
-    glance_size: int = 48
+    glance_size: int = 32
     glance: BackboneConfig = field(default_factory=BackboneConfig.tiny_mobilenet)
     local: BackboneConfig = field(default_factory=BackboneConfig.tiny_resnet)
     use_glance: bool = True
@@ -91,7 +91,6 @@ class FullFrameModel(AdaptiveVideoModel):
             self.local_head = nn.Linear(c_l, cfg.num_classes)
             if cfg.use_glance:
                 self.glance_head = nn.Linear(c_g, cfg.num_classes)
-        self._component_macs: dict[str, int] | None = None
 
     def features(self, frames: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``frames [N,3,H,W]`` -> (e^G ``[N,Cg]`` or None, e^L ``[N,Cl]``)."""
@@ -144,29 +143,19 @@ class FullFrameModel(AdaptiveVideoModel):
         flops = torch.full((frames.shape[0],), float(self.step_macs()), dtype=torch.float64, device=frames.device)
         return StepOutput(logits, {"pooled": pooled, "t": state["t"] + 1}, flops, {})
 
-    def component_macs(self) -> dict[str, int]:
-        if self._component_macs is None:
-            cfg = self.config
-            p = next(self.parameters())
-            kw = dict(device=p.device, dtype=p.dtype)
-            macs = {}
-            if self.glance_encoder is not None:
-                macs["glance"] = count_macs(self.glance_encoder, torch.zeros(1, 3, cfg.glance_size, cfg.glance_size, **kw))
-            macs["local"] = count_macs(self.local_encoder, torch.zeros(1, 3, cfg.input_size, cfg.input_size, **kw))
-            macs["classifier"] = count_macs(self.classifier.fc, torch.zeros(1, self.classifier.in_features, **kw))
-            self._component_macs = macs
-        return dict(self._component_macs)
-
-    def step_macs(self) -> int:
-        return sum(self.component_macs().values())
-
-    def flops_profile(self, num_frames: int) -> FlopsProfile:
+    def measure_component_macs(self) -> dict[str, int]:
         cfg = self.config
-        return FlopsProfile(
-            components=self.component_macs(),
-            steps=[self.step_macs()] * num_frames,
-            notes={"local": f"fL on the whole {cfg.input_size}x{cfg.input_size} frame"},
-        )
+        p = next(self.parameters())
+        kw = dict(device=p.device, dtype=p.dtype)
+        macs = {}
+        if self.glance_encoder is not None:
+            macs["glance"] = count_macs(self.glance_encoder, torch.zeros(1, 3, cfg.glance_size, cfg.glance_size, **kw))
+        macs["local"] = count_macs(self.local_encoder, torch.zeros(1, 3, cfg.input_size, cfg.input_size, **kw))
+        macs["classifier"] = count_macs(self.classifier.fc, torch.zeros(1, self.classifier.in_features, **kw))
+        return macs
+
+    def flops_notes(self) -> dict[str, str]:
+        return {"local": f"fL on the whole {self.config.input_size}x{self.config.input_size} frame"}
 
     def param_groups(self) -> list[dict]:
         cfg = self.config

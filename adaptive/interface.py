@@ -133,8 +133,30 @@ class AdaptiveVideoModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} is not a streaming model; call forward()")
 
     # -- accounting -----------------------------------------------------------
-    def flops_profile(self, num_frames: int) -> FlopsProfile:  # pragma: no cover - abstract
+    def measure_component_macs(self) -> dict[str, int]:  # pragma: no cover - abstract
+        """Multiply-adds of each component for one step, measured from the modules (FlopCounterMode)."""
         raise NotImplementedError
+
+    def component_macs(self) -> dict[str, int]:
+        """:meth:`measure_component_macs`, measured once (the architecture does not change)."""
+        cached = self.__dict__.get("_component_macs_cache")
+        if cached is None:
+            cached = self.__dict__["_component_macs_cache"] = dict(self.measure_component_macs())
+        return dict(cached)
+
+    def step_macs(self) -> int:
+        """Multiply-adds of one step (methods whose steps cost the same every time)."""
+        return sum(self.component_macs().values())
+
+    def flops_notes(self) -> dict[str, str]:
+        """What each component of :meth:`component_macs` covers (shown in reports)."""
+        return {}
+
+    def flops_profile(self, num_frames: int) -> FlopsProfile:
+        """Per-component and per-step cost; by default every step costs :meth:`step_macs`.
+        Methods whose steps differ (e.g. a clip-level first step) override this."""
+        return FlopsProfile(components=self.component_macs(), steps=[self.step_macs()] * num_frames,
+                            notes=self.flops_notes())
 
     def flops_per_step(self, num_frames: int) -> torch.Tensor:
         """``[S]`` multiply-adds per step for a ``num_frames`` clip (float64)."""
@@ -220,8 +242,26 @@ def build_model(name: str, config: Any = None, **overrides: Any) -> AdaptiveVide
     else:
         cfg = config
     if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
+        cfg = replace_fields(cfg, overrides)
     return cls(cfg)
+
+
+def replace_fields(config: Any, overrides: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` that merges dicts into nested config dataclasses, so that
+    ``{"local": {"weights": path}}`` changes one field of the local encoder's config."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown {type(config).__name__} fields: {sorted(unknown)}")
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = replace_fields(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(config, **changes)
 
 
 # ---------------------------------------------------------------------------

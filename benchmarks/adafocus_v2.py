@@ -84,16 +84,14 @@ def log(msg: str) -> None:
 
 
 def ensure_dataset(data_dir: Path, videos: int, seed: int) -> Path:
-    manifest = data_dir / "manifest.csv"
-    if (data_dir / "benchmark.json").exists() and manifest.exists():
-        return manifest
+    """The benchmark's own copy of the synthetic data; regenerated only if missing or made with other
+    parameters or an older generator (generate_benchmark checks and otherwise does nothing)."""
     from pipelines.data.synthetic import generate_benchmark
 
     t0 = time.time()
-    log(f"[data] generating {videos} appearance videos into {data_dir} ...")
     path = generate_benchmark(data_dir, videos=videos, frames=32, size=128, seed=seed, task="appearance",
-                              classes=8, workers=os.cpu_count())
-    log(f"[data] generated in {time.time() - t0:.0f} s")
+                              classes=8, workers=os.cpu_count(), log=log)
+    log(f"[data] {path} ready ({time.time() - t0:.0f} s)")
     return Path(path)
 
 
@@ -324,7 +322,7 @@ def time_streaming_exits(model, bank: ClipBank, order: str, policy: ExitPolicy, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic_bench")
     ap.add_argument("--videos", type=int, default=2000, help="videos to generate if --data holds none")
     ap.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
     ap.add_argument("--size", type=int, default=112, help="frame side the model sees")
@@ -344,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
     args = ap.parse_args(argv)
     if args.quick:
-        if args.data == ROOT / "data" / "synthetic":
+        if args.data == ROOT / "data" / "synthetic_bench":
             args.data = ROOT / "data" / "synthetic_quick"  # never regenerate the full benchmark's directory
         args.videos = min(args.videos, 400)
         args.epochs = min(args.epochs, 1.0)

@@ -65,6 +65,11 @@ class ModelConfig:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the method's config dataclass (``num_classes`` is set from the dataset)."""
+    init_from_full_frame: bool = True
+    """When the encoders have no pretrained weight files (the tiny preset): train the full-frame
+    reference first (``eval.train_full_frame``) and start the model's glance and local encoders from
+    its weights -- our stand-in for the paper's ImageNet initialisation (section 4.1). Encoders
+    given weight files (``overrides.glance.weights`` ...) keep them."""
 
 
 @dataclass

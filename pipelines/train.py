@@ -51,13 +51,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 # --------------------------------------------------------------------------------------------- data
 
 
+def _older_synthetic_benchmark(manifest_path: Path) -> bool:
+    """True if ``manifest_path`` belongs to a synthetic benchmark made by an older generator (its
+    ``benchmark.json`` says so); data without that file is the user's and is never touched."""
+    from pipelines.data.synthetic import GENERATOR_VERSION
+
+    try:
+        meta = json.loads((manifest_path.parent / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("generator_version") != GENERATOR_VERSION
+
+
 def ensure_dataset(config: TrainConfig) -> Manifest:
     manifest_path = Path(config.data.manifest)
-    if not manifest_path.exists() and "://" not in config.data.manifest and config.data.synthetic.generate_if_missing:
+    local = "://" not in config.data.manifest
+    missing = local and not manifest_path.exists()
+    if (missing or (local and _older_synthetic_benchmark(manifest_path))) and config.data.synthetic.generate_if_missing:
         from pipelines.data.synthetic import generate_benchmark
 
         synthetic = config.data.synthetic
-        print(f"generating the synthetic benchmark into {manifest_path.parent} ...", flush=True)
+        why = "" if missing else " (the one there was made by an older generator)"
+        print(f"generating the synthetic benchmark into {manifest_path.parent}{why} ...", flush=True)
         generate_benchmark(manifest_path.parent, videos=synthetic.videos, frames=synthetic.frames,
                            size=synthetic.size, seed=synthetic.seed, task=synthetic.task, classes=synthetic.classes)
     return load_manifest(config.data.manifest, config.data.format, data_root=config.data.data_root)
@@ -132,6 +147,15 @@ def fit(config: TrainConfig, job: dict[str, Any], run_name: str, datasets: dict[
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
     return trainer.fit()
+
+
+def initialise_from_reference(config: TrainConfig) -> bool:
+    """``model.init_from_full_frame`` applies: no weight file is configured for either encoder."""
+    if not config.model.init_from_full_frame:
+        return False
+    overrides = config.model.overrides
+    return not any(isinstance(overrides.get(name), dict) and overrides[name].get("weights")
+                   for name in ("glance", "local"))
 
 
 def storage_path(config: TrainConfig) -> str:
@@ -223,17 +247,22 @@ def main(argv: list[str] | None = None) -> int:
            "epochs": config.optim.epochs, "metric_prefix": "",
            "crash_after_epoch": config.run.crash_after_epoch,
            "crash_marker": str(out_dir / ".crashed-once")}
-    result = fit(config, job, run_name, datasets, gpu)
-    checkpoints = {"model": result.checkpoint, "full_frame": None}
-    if result.checkpoint is None:
-        print(f"train: the run produced no checkpoint ({result.error})", file=sys.stderr)
-        return 1
-
+    checkpoints = {"model": None, "full_frame": None}
     if config.eval.train_full_frame and config.model.method != "full_frame":
+        # The reference trains first: with model.init_from_full_frame its encoders start the model.
         reference_job = dict(job, method="full_frame", label="full_frame", metric_prefix="full_frame/",
                              epochs=config.eval.full_frame_epochs or config.optim.epochs, crash_after_epoch=None)
         reference = fit(config, reference_job, f"{run_name}-full-frame", datasets, gpu)
         checkpoints["full_frame"] = reference.checkpoint
+        if reference.checkpoint is not None and initialise_from_reference(config):
+            job["init_checkpoint"] = reference.checkpoint
+            print("the model's encoders start from the full-frame reference's (model.init_from_full_frame)",
+                  flush=True)
+    result = fit(config, job, run_name, datasets, gpu)
+    checkpoints["model"] = result.checkpoint
+    if result.checkpoint is None:
+        print(f"train: the run produced no checkpoint ({result.error})", file=sys.stderr)
+        return 1
 
     print("evaluating: per-step predictions on the held-out and test splits, baselines ...", flush=True)
     evaluate = ray.remote(evaluate_run).options(num_cpus=config.run.cpus_per_worker, num_gpus=1 if gpu else 0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines.config import ConfigError, load_config
-from pipelines.training.worker import cosine_schedule, load_state, make_optimizer, save_state_atomically
+from pipelines.training.worker import (build_method, copy_encoders, cosine_schedule, load_state, make_optimizer,
+                                      save_state_atomically)
 from tests.conftest import REPO, run_train
 
 pytestmark = pytest.mark.slow
@@ -98,6 +99,26 @@ def test_resume_continues_a_stopped_run_with_the_same_state(training_set, tmp_pa
     final = load_state(str(_checkpoints(tmp_path / "runs" / "stop")[-1]))
     assert final["epoch"] == 1
     assert final["scheduler"]["last_epoch"] == 2 * saved["scheduler"]["last_epoch"]  # steps continued, not restarted
+
+
+def test_model_encoders_start_from_the_full_frame_reference():
+    config = load_config(None, ["model.overrides={input_size: 64, glance_size: 32, patch_size: 32}"])
+    torch.manual_seed(0)
+    reference = build_method(config, 3, "full_frame")
+    model = build_method(config, 3)
+    copied = copy_encoders(reference.state_dict(), model)
+    mine = model.state_dict()
+    assert copied == sum(k.startswith(("glance_encoder.", "local_encoder.")) for k in mine) > 0
+    for key, value in reference.state_dict().items():
+        if key.startswith(("glance_encoder.", "local_encoder.")):
+            assert torch.equal(mine[key], value)
+    untouched = [k for k in mine if k.startswith(("policy.", "classifier."))]
+    assert untouched and not any(k in reference.state_dict() and torch.equal(mine[k], reference.state_dict()[k])
+                                 for k in untouched)
+    other = build_method(load_config(None, ["model.overrides={input_size: 64, glance_size: 32, patch_size: 32, "
+                                            "local: {base_width: 8}}"]), 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        copy_encoders(reference.state_dict(), other)
 
 
 def test_checkpoint_round_trip_restores_model_optimizer_and_schedule(tmp_path):

@@ -105,6 +105,21 @@ def load_state(directory: str) -> dict[str, Any]:
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+ENCODERS = ("glance_encoder.", "local_encoder.")
+
+
+def copy_encoders(source: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """Load the glance and local encoder weights of ``source`` (a full-frame model's state dict) into
+    ``model``; every encoder tensor of ``model`` must be there with the same shape. Returns the count."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODERS)}
+    missing = [k for k in own if k not in source or source[k].shape != own[k].shape]
+    if not own or missing:
+        raise ValueError(f"the full-frame reference's encoders do not fit this model ({len(missing)} of "
+                         f"{len(own)} tensors missing or of another shape, e.g. {missing[:3]})")
+    model.load_state_dict({k: source[k] for k in own}, strict=False)
+    return len(own)
+
+
 class Progress:
     """A text progress bar and throughput line, printed by rank 0 every few seconds."""
 
@@ -207,6 +222,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.get("init_checkpoint") is not None:
+        with job["init_checkpoint"].as_directory() as directory:
+            copied = copy_encoders(load_state(directory)["model"], model)
+        if rank == 0:
+            print(f"[{job['label']}] {copied} encoder tensors taken from the full-frame reference", flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
