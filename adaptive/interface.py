@@ -198,25 +198,9 @@ def _import_builtin_models() -> None:
 
 
 def config_from_dict(config_cls: type, values: dict[str, Any]) -> Any:
-    """Build a (possibly nested) config dataclass from a plain dict (e.g. parsed YAML).
-
-    Unknown keys raise; nested dataclass fields accept dicts; list values for
-    tuple fields become tuples.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} fields: {sorted(unknown)}")
-    default = config_cls()
-    kwargs = {}
-    for key, value in values.items():
-        current = getattr(default, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = config_from_dict(type(current), value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return config_cls(**kwargs)
+    """Build a (possibly nested) config dataclass from a plain dict (e.g. parsed YAML): the class's
+    defaults with ``values`` merged in (see :func:`replace_fields`). Unknown keys raise."""
+    return replace_fields(config_cls(), values)
 
 
 def build_model(name: str, config: Any = None, **overrides: Any) -> AdaptiveVideoModel:
@@ -248,7 +232,8 @@ def build_model(name: str, config: Any = None, **overrides: Any) -> AdaptiveVide
 
 def replace_fields(config: Any, overrides: dict[str, Any]) -> Any:
     """``dataclasses.replace`` that merges dicts into nested config dataclasses, so that
-    ``{"local": {"weights": path}}`` changes one field of the local encoder's config."""
+    ``{"local": {"weights": path}}`` changes one field of the local encoder's config and keeps the
+    others (e.g. the tiny preset's); list values for tuple fields become tuples. Unknown keys raise."""
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = set(overrides) - fields
     if unknown:
