@@ -66,6 +66,7 @@ from adaptive import (  # noqa: E402
     normalize_uint8_clip,
     select_state,
 )
+from adaptive.cropping import centres_to_boxes  # noqa: E402
 from adaptive.early_exit import (  # noqa: E402
     ExitPolicy,
     evaluate_fixed_steps,
@@ -221,15 +222,17 @@ def policy_signal(model, bank: ClipBank, target_boxes: torch.Tensor, frame_idx: 
     src = (2 * frame_idx[:n, 0] + 1).clamp(max=target_boxes.shape[1] - 1)
     target = target_boxes[torch.arange(n), src]
     target_centre = (target[:, :2] + target[:, 2:]) / 2
-    f = model.config.patch_fraction  # centre parameter c -> patch centre f/2 + c (1 - f), Eq. (4)
+    f = model.config.patch_fraction
     with torch.no_grad():
         e_g = model.glance(frames).mean(dim=(2, 3))
     centres = torch.rand(n, 2, generator=gen).requires_grad_(True)
     logits = model.classifier.fc(model.fuse(e_g, model.local(frames, centres)))
     grad, = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), centres)
-    to_target = target_centre - (f / 2 + centres.detach() * (1 - f))
+    box = centres_to_boxes(centres.detach(), f)  # Eq. (4): where each patch actually lies
+    to_target = target_centre - (box[:, :2] + box[:, 2:]) / 2
     out = {"gradient_alignment": float(F.cosine_similarity(-grad, to_target, dim=1).mean())}
     if getattr(model, "local_head", None) is not None:
+        # the inverse of Eq. (4): the centre parameter that puts the patch's middle on the target
         placements = {"oracle": ((target_centre - f / 2) / (1 - f)).clamp(0, 1),
                       "random": torch.rand(n, 2, generator=gen), "centre": torch.full((n, 2), 0.5)}
         with torch.no_grad():

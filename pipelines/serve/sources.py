@@ -240,7 +240,7 @@ class SourceReader(threading.Thread):
             fps = float(rate) if rate else 25.0
             size = f"{ctx.width}x{ctx.height}" if ctx.width else "size from the first keyframe"
             self._on_status("connected", f"{ctx.name} {size} @ {fps:.3g} fps", 0)
-            self._clock: tuple[float, float] | None = None
+            self._clock = None  # a new connection starts a new media clock
             undecodable = 0
             for packet in container.demux(stream):
                 if self._halt.is_set():
