@@ -132,3 +132,38 @@ def test_data_doctor_fails_clearly_when_nothing_is_usable(tmp_path):
     assert done.returncode == 1 and "none of the 1 videos" in done.stderr
     bad = _doctor(tmp_path / "absent.csv")
     assert bad.returncode == 2 and "cannot read manifest" in bad.stderr
+
+
+def test_background_batches_keep_order_raise_errors_and_stop_when_abandoned():
+    """iter_model_batches' prefetch thread: same items in order, the producer's error reaches the
+    consumer, and a consumer that stops early stops the producer (and closes its source)."""
+    import threading
+
+    from pipelines.data.dataset import _in_background
+
+    assert list(_in_background(iter(range(7)), depth=2)) == list(range(7))
+
+    def failing():
+        yield 1
+        raise ValueError("corrupt block")
+
+    items = _in_background(failing(), depth=2)
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="corrupt block"):
+        next(items)
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    items = _in_background(endless(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert closed.wait(5), "the producer kept running after the consumer left"

@@ -37,6 +37,9 @@ class PipelineConfig:
     """Seed for the shuffle and the training samplers (None: fresh randomness every epoch)."""
     decode_cpus: float = 1.0
     """CPUs reserved by each decode task."""
+    stream_rows: int = 8
+    """A decode task hands on its clips every this many videos instead of once at the end of its
+    block, so the first batch of an epoch waits for a few videos, not for a whole block."""
 
 
 def clip_bytes(decode: DecodeConfig) -> int:
@@ -109,16 +112,21 @@ def build_clip_dataset(manifest: Manifest, config: PipelineConfig, *, report: An
         batch_size=None,  # one task decodes one block, so output blocks stay ~target_block_bytes
         batch_format="numpy",
         num_cpus=config.decode_cpus,
-        fn_kwargs={"decode": config.decode, "keep_skipped": keep_skipped, "seed": config.seed, "report": report},
+        fn_kwargs={"decode": config.decode, "keep_skipped": keep_skipped, "seed": config.seed, "report": report,
+                   "stream_rows": config.stream_rows},
     )
 
 
-def _decode_block(rows: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data's view of :func:`decode_rows`: a block whose videos were all skipped yields nothing
-    (an empty batch would lose the clip column's tensor type)."""
-    batch = decode_rows(rows, **kwargs)
-    if batch is not None:
-        yield batch
+def _decode_block(rows: dict[str, np.ndarray], *, stream_rows: int, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data's view of :func:`decode_rows`, streaming ``stream_rows`` videos at a time; a slice
+    whose videos were all skipped yields nothing (an empty batch would lose the clip column's
+    tensor type)."""
+    n = len(rows["path"])
+    step = max(1, stream_rows)
+    for start in range(0, n, step):
+        batch = decode_rows({k: v[start:start + step] for k, v in rows.items()}, **kwargs)
+        if batch is not None:
+            yield batch
 
 
 def _cluster_cpus() -> int:
@@ -131,24 +139,83 @@ def _cluster_cpus() -> int:
 
 
 def iter_model_batches(dataset, augmenter, batch_size: int, *, drop_last: bool = False,
-                       prefetch_batches: int = 2, local_shuffle_buffer_size: int | None = None
-                       ) -> Iterator[dict[str, Any]]:
+                       prefetch_batches: int = 2, local_shuffle_buffer_size: int | None = None,
+                       background: bool = True) -> Iterator[dict[str, Any]]:
     """Batches for the model: ``video`` float ``[B,T,3,H,W]`` on the augmenter's device, ``label``,
-    ``video_id``. ``dataset`` is a Ray Dataset or a Ray Train dataset shard (``DataIterator``)."""
+    ``video_id``. ``dataset`` is a Ray Dataset or a Ray Train dataset shard (``DataIterator``).
+
+    With ``background`` (the default) a thread fetches Ray Data batches and runs the DALI stage up to
+    ``prefetch_batches`` ahead of the consumer, so augmentation overlaps the training step instead
+    of adding to it (DALI and PyTorch both release the GIL while they compute). Errors in the thread
+    are raised here; closing this generator early stops the thread.
+    """
+    raw_batches = dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                       prefetch_batches=prefetch_batches,
+                                       local_shuffle_buffer_size=local_shuffle_buffer_size)
+    model_batches = (_to_model_batch(batch, augmenter) for batch in raw_batches if len(batch["label"]))
+    if not background:
+        yield from model_batches
+        return
+    yield from _in_background(model_batches, max(1, prefetch_batches))
+
+
+def _to_model_batch(batch: dict[str, np.ndarray], augmenter) -> dict[str, Any]:
     import torch
 
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                                      prefetch_batches=prefetch_batches,
-                                      local_shuffle_buffer_size=local_shuffle_buffer_size):
-        if len(batch["label"]) == 0:
-            continue
-        video = augmenter(batch["clip"])
-        yield {
-            "video": video,
-            "label": torch.tensor(batch["label"], dtype=torch.int64, device=video.device),
-            "video_id": list(batch["video_id"]),
-            "frame_indices": batch["frame_indices"],
-        }
+    video = augmenter(batch["clip"])
+    return {
+        "video": video,
+        "label": torch.tensor(batch["label"], dtype=torch.int64, device=video.device),
+        "video_id": list(batch["video_id"]),
+        "frame_indices": batch["frame_indices"],
+    }
+
+
+_END = object()
+
+
+def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``items`` in a daemon thread, ``depth`` items ahead; re-raise its errors in the caller."""
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+        finally:
+            if stop.is_set():
+                items.close()  # the consumer left early: release the Ray Data iterator
+
+    thread = threading.Thread(target=produce, name="model-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def for_split(config: PipelineConfig, training: bool) -> PipelineConfig:
