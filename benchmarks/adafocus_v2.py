@@ -18,10 +18,10 @@ The last line is ``flops_ratio_at_full_acc=... cpu_time_ratio=...``:
 GFLOPs/video of AdaFocusV2+ at the cheapest budget whose test accuracy reaches
 the full-frame model's, divided by the full-frame model's GFLOPs/video; and the
 same ratio of measured CPU time per test video (AdaFocusV2+ streamed frame by
-frame with exits, batches of ``--time-batch`` streams; the full-frame model on
-whole clips).  Everything is measured; nothing is hard-coded.
+frame with exits in ``--time-batch`` slots that a new video takes as soon as one
+exits, as the live server batches streams; the full-frame model on whole clips).  Everything is measured; nothing is hard-coded.
 
-Data: ``--data DIR`` (default ``data/synthetic``) is generated with
+Data: ``--data DIR`` (default ``data/synthetic_bench``) is generated with
 ``pipelines.data.synthetic.generate_benchmark`` if it holds no benchmark yet,
 and decoded with ``pipelines.data.inmemory.load_clips`` (a minimal PyAV loader
 is used if that module is missing).
@@ -65,6 +65,7 @@ from adaptive import (  # noqa: E402
     coarse_to_fine_order,
     normalize_uint8_clip,
     select_state,
+    stack_states,
 )
 from adaptive.cropping import centres_to_boxes  # noqa: E402
 from adaptive.early_exit import (  # noqa: E402
@@ -383,36 +384,38 @@ def time_full_frame(model, bank: ClipBank, order: str, batch_size: int) -> tuple
 
 @torch.no_grad()
 def time_streaming_exits(model, bank: ClipBank, order: str, policy: ExitPolicy, batch_size: int):
-    """CPU/wall seconds per video for AdaFocusV2+ served as streams: frame by frame with
-    ``model.step``, each stream leaving the batch as soon as it exits.  Also returns the
-    exit step of every video (to check against the offline exits) and its predictions."""
-    clips = [bank.batch(torch.arange(s, min(s + batch_size, len(bank))), False, order)[0]
-             for s in range(0, len(bank), batch_size)]
-    model.step(clips[0][:2, 0], model.init_state(2))  # warm-up
-    steps, preds = [], []
+    """CPU/wall seconds per video for AdaFocusV2+ served as streams, the way the live server batches
+    them: ``batch_size`` slots stepped together with ``model.step``, one frame per stream per pass;
+    a stream leaves as soon as it exits and its slot takes the next video at once (so the batch
+    stays full instead of dwindling to the few videos that need every frame). Also returns the exit
+    step of every video (to check against the offline exits) and its predictions."""
+    n = len(bank)
+    clips = torch.cat([bank.batch(torch.arange(s, min(s + 64, n)), False, order)[0] for s in range(0, n, 64)])
+    T = clips.shape[1]
+    model.step(clips[:2, 0], model.init_state(2))  # warm-up
+    exit_at = torch.full((n,), -1)
+    pred = torch.full((n,), -1)
     c0, w0 = time.process_time(), time.perf_counter()
-    for x in clips:
-        B, T = x.shape[:2]
-        state = model.init_state(B)
-        active = torch.arange(B)
-        exit_at = torch.full((B,), -1)
-        pred = torch.full((B,), -1)
-        for t in range(T):
-            logits, state, _, _ = model.step(x[active, t], state)
-            done = policy.should_exit(logits, t)
-            if done.any():
-                exit_at[active[done]] = t
-                pred[active[done]] = logits[done].argmax(-1)
-                keep = (~done).nonzero().squeeze(1)
-                active = active[keep]
-                state = select_state(state, keep)
-            if active.numel() == 0:
-                break
-        steps.append(exit_at)
-        preds.append(pred)
-    cpu = (time.process_time() - c0) / len(bank)
-    wall = (time.perf_counter() - w0) / len(bank)
-    return cpu, wall, torch.cat(steps), torch.cat(preds)
+    started = min(batch_size, n)
+    videos = torch.arange(started)  # the video in each slot
+    t = torch.zeros(started, dtype=torch.long)  # its next frame
+    state = model.init_state(started)
+    while videos.numel():
+        logits, state, _, _ = model.step(clips[videos, t], state)  # streams at different steps: fine
+        done = policy.should_exit(logits, t) | (t == T - 1)
+        exit_at[videos[done]] = t[done]
+        pred[videos[done]] = logits[done].argmax(-1)
+        keep = (~done).nonzero().squeeze(1)
+        joining = torch.arange(started, min(started + int(done.sum()), n))
+        started += joining.numel()
+        videos = torch.cat((videos[keep], joining))
+        t = torch.cat((t[keep] + 1, torch.zeros(joining.numel(), dtype=torch.long)))
+        state = select_state(state, keep)
+        if joining.numel():
+            state = stack_states([state, model.init_state(joining.numel())])
+    cpu = (time.process_time() - c0) / n
+    wall = (time.perf_counter() - w0) / n
+    return cpu, wall, exit_at, pred
 
 
 # --------------------------------------------------------------------------------------------------
