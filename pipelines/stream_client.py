@@ -63,6 +63,8 @@ class ClientOptions:
     """How long to keep trying to reconnect after the connection dropped."""
     chunk_frames: int = 1
     """MPEG-TS: send a chunk every this many frames."""
+    send_all: bool = False
+    """Images: send every frame, even those the server said it will not use (``next_pts``)."""
 
 
 @dataclass
@@ -70,6 +72,8 @@ class PushResult:
     stream_id: str
     events: list[dict[str, Any]] = field(default_factory=list)
     frames_sent: int = 0
+    frames_skipped: int = 0
+    """Image frames left out because the server would not use them (before its ``next_pts``)."""
     reconnects: int = 0
     close_code: int | None = None
     close_reason: str = ""
@@ -212,6 +216,14 @@ def paced(items: Iterator[tuple[float, bytes]], speed: float) -> AsyncIterator[b
 
 
 # ------------------------------------------------------------------------------------------ push
+def message_pts(data: bytes) -> float | None:
+    """The timestamp of a timestamped image message (``ASTS`` + big-endian double); None otherwise
+    (MPEG-TS chunks, which cannot be thinned: later frames are predicted from earlier ones)."""
+    if isinstance(data, bytes) and data[:4] == TIMESTAMP_MAGIC and len(data) >= 12:
+        return struct.unpack(">d", data[4:12])[0]
+    return None
+
+
 def ws_url(options: ClientOptions, stream_id: str, after: int | None = None, window: int | None = None,
            open_window: int | None = None, open_steps: int | None = None) -> str:
     """The stream's WebSocket URL; on reconnection with what the client has seen so far (``after``:
@@ -252,12 +264,14 @@ async def push(source: str, options: ClientOptions, on_event: Callable[[dict], N
     ended = asyncio.Event()
     source_done = False
     pending: bytes | None = None
+    wanted_pts: float | None = None  # the server uses no frame before this timestamp (its next_pts)
 
     def handle(text: str) -> None:
-        nonlocal last_seq, last_window, open_window, open_steps
+        nonlocal last_seq, last_window, open_window, open_steps, wanted_pts
         event = json.loads(text)
         last_seq = event.get("seq", last_seq)
         if event.get("type") == "prediction":
+            wanted_pts = event.get("next_pts")
             if event.get("final"):
                 if last_window is None or event["window"] >= last_window:
                     last_window = event["window"]
@@ -273,6 +287,7 @@ async def push(source: str, options: ClientOptions, on_event: Callable[[dict], N
 
     deadline = None
     while True:
+        wanted_pts = None  # a (new) replica says again what it needs
         try:
             async with websockets.connect(ws_url(options, stream_id, last_seq, last_window, open_window,
                                                  open_steps or None), max_size=None,
@@ -291,6 +306,10 @@ async def push(source: str, options: ClientOptions, on_event: Callable[[dict], N
                             await ws.send(pending)
                             pending = None
                         async for data in messages:
+                            pts = None if options.send_all or wanted_pts is None else message_pts(data)
+                            if pts is not None and pts < wanted_pts:
+                                result.frames_skipped += 1  # the server would drop it unseen
+                                continue
                             pending = data
                             await ws.send(data)
                             pending = None
@@ -398,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int)
     parser.add_argument("--pull", action="store_true", help="let the server read SOURCE itself")
     parser.add_argument("--json", action="store_true", help="print raw JSON events")
+    parser.add_argument("--send-all", action="store_true",
+                        help="images: send every frame, also those the server said it will not use")
     args = parser.parse_args(argv)
     import os
 
@@ -405,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                             token=args.token or os.environ.get("ADASTREAM_TOKEN"), format=args.format,
                             speed=args.speed, budget=args.budget, window_frames=args.window_frames,
                             window_seconds=args.window_seconds, top_k=args.top_k, emit=args.emit,
-                            drop_policy=args.drop_policy, max_frames=args.max_frames)
+                            drop_policy=args.drop_policy, max_frames=args.max_frames, send_all=args.send_all)
 
     def show(event: dict[str, Any]) -> None:
         text = json.dumps(event) if args.json else format_event(event)
@@ -430,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     windows = {(e["window"]) for e in result.predictions if e.get("final")}
-    print(f"stream_client: {result.frames_sent} messages sent, {len(windows)} windows recognised, "
+    print(f"stream_client: {result.frames_sent} messages sent ({result.frames_skipped} frames left out: the server "
+          f"would not have used them), {len(windows)} windows recognised, "
           f"{result.reconnects} reconnects", file=sys.stderr)
     return 0
 

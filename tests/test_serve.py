@@ -52,6 +52,36 @@ def test_closed_window_feeds_nothing_until_the_next_one():
     assert (w.admit(2.0).window, w.admit(2.25).slot) == (1, 1)
 
 
+def test_a_client_that_sends_only_from_next_pts_on_feeds_the_model_the_same_frames():
+    """wanted_from (the events' next_pts): a client leaving out every frame before it loses no slot --
+    each is filled by the same frame as when it sends all 25 a second, or by its neighbour -- and
+    after an exit it points at the next window's start."""
+    times = [i / 25 for i in range(150)]  # 6 s of a 25 fps stream
+    everything = _admitted(Windower(WindowSpec(frames=8, seconds=2.0)), times)
+    thinned, sent, w = [], 0, Windower(WindowSpec(frames=8, seconds=2.0))
+    for t in times:
+        wanted = w.wanted_from()
+        if wanted is not None and t < wanted:
+            continue
+        sent += 1
+        a = w.admit(t)
+        if a is not None:
+            thinned.append((round(t, 3), a.window, a.slot))
+    # the same slots, each taken by the same frame or by its neighbour (a thinned feed never shows
+    # the server two consecutive frames, so it cannot tell which frame is nearest the slot's time)
+    assert [(win, slot) for _, win, slot in thinned] == [(win, slot) for _, win, slot in everything]
+    assert all(abs(a[0] - b[0]) <= 1 / 25 + 1e-9 for a, b in zip(thinned, everything))
+    assert sent <= len(everything) + 3  # ~4 frames a second instead of 25
+
+    w = Windower(WindowSpec(frames=8, seconds=2.0))
+    assert w.wanted_from() is None  # nothing started yet: send
+    w.admit(0.0)
+    assert 0.18 <= w.wanted_from() < 0.25  # the next slot, a little early allowed
+    w.close(0)
+    assert w.wanted_from() == 2.0  # exited: nothing until the next window
+    assert Windower(WindowSpec(frames=3, seconds=0.0)).wanted_from() is None  # frame-count windows
+
+
 def test_jittery_late_frames_are_not_sampled_twice():
     w = Windower(WindowSpec(frames=4, seconds=1.0))  # slots every 0.25 s
     assert w.admit(0.0) is not None

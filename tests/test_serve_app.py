@@ -368,6 +368,13 @@ def test_shared_videos_pushed_over_websocket(server, shared_video_paths):
         assert all(e["pts"] is not None for e in result.predictions)
         ended = result.events[-1]["counters"]
         assert ended["gflops_saved"] == pytest.approx(len(exits) * step, rel=1e-3)
+        # After an exit the server says from which timestamp on it needs frames again (the next window):
+        # an image client leaves the frames before it out; MPEG-TS chunks cannot be thinned.
+        assert all(e["next_pts"] >= e["pts"] + 1.5 * WINDOW_S / T for e in exits), [(e["pts"], e["next_pts"]) for e in exits]
+        if fmt == "ts":
+            assert result.frames_skipped == 0
+        elif fmt == "jpeg":  # (the 32-frame PNG clip is sent before its first result comes back)
+            assert result.frames_skipped > 0, name
 
 
 def _sse_thread(server: Server, stream_id: str, sink: list[dict]) -> threading.Thread:

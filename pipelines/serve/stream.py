@@ -482,13 +482,21 @@ class StreamSession:
             "exited": exited, "final": final, "reason": reason, "box": result.box,
             "gflops": round(self.window_macs / 1e9, 6), "stream_gflops": round(self.counters.gflops_spent, 6),
             "budget": choice.budget, "latency_ms": round(latency, 2), "timing_ms": item.timing,
-            "batch_size": result.batch_size,
+            "batch_size": result.batch_size, "next_pts": self.next_wanted_pts(),
         }
         self.last_prediction = prediction
         if self.settings.emit == "steps" or final:
             event = self.events.publish("prediction", **prediction)
             if final:
                 self.last_final = {"seq": event.seq, "fields": prediction}
+
+    def next_wanted_pts(self) -> float | None:
+        """The media timestamp from which the next frame will be used (see ``Windower.wanted_from``), in
+        the timestamps the source sends; None if unknown (frames without timestamps, frame-count
+        windows)."""
+        t = self.windower.wanted_from()
+        offset = self.clock.offset
+        return None if t is None or offset is None else round(t - offset, 4)
 
     # ------------------------------------------------------------------ lifecycle
     def set_status(self, status: str, message: str = "") -> None:

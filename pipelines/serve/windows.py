@@ -83,7 +83,9 @@ class Windower:
         spec = self.spec
         if spec.seconds <= 0:
             return self._admit_by_count(t)
-        if self.last_t is not None and t > self.last_t:
+        if self.last_t is not None and t > self.last_t and t - self.last_t < 0.5 * spec.interval:
+            # Only gaps well inside a slot interval say how often the source has frames: longer ones
+            # are frames a client left out (it sends from ``wanted_from`` on) or a stalled source.
             gap = t - self.last_t
             self.frame_gap = gap if self.frame_gap == 0 else 0.9 * self.frame_gap + 0.1 * gap
         self.last_t = t
@@ -97,10 +99,7 @@ class Windower:
         if self.closed or self.slots >= spec.frames:
             return None
         interval = spec.interval
-        early = self.EARLY_TOLERANCE * interval
-        if self.frame_gap > 0:
-            early = min(early, 0.5 * self.frame_gap + 1e-9)
-        if t < self.next_due - early:
+        if t < self.next_due - self._early():
             return None
         admission = Admission(self.window, self.slots)
         self.slots += 1
@@ -109,6 +108,25 @@ class Windower:
         # away, so jitter never feeds the model two near-identical frames.
         self.next_due = max(self.next_due + interval, t + 0.5 * interval)
         return admission
+
+    def wanted_from(self) -> float | None:
+        """Stream time of the earliest frame the model will use next. Frames before it are offered only
+        to be skipped, so a client that knows this may leave them out (``next_pts`` in the events):
+        between two sampled frames, and after an exit until the next window. None when every frame
+        counts (frame-count windows) or no window has started."""
+        spec = self.spec
+        if spec.seconds <= 0 or not self.started:
+            return None
+        if self.closed or self.slots >= spec.frames:
+            return self.start + spec.seconds
+        return self.next_due - self._early()
+
+    def _early(self) -> float:
+        """How early a frame may be and still take the next slot (see ``EARLY_TOLERANCE``)."""
+        early = self.EARLY_TOLERANCE * self.spec.interval
+        if self.frame_gap > 0:
+            early = min(early, 0.5 * self.frame_gap + 1e-9)
+        return early
 
     def _admit_by_count(self, t: float) -> Admission | None:
         if not self.started or self.seen >= self.spec.frames:
