@@ -210,6 +210,7 @@ class StreamSession:
         self.events.seq = int((resume or {}).get("seq", 0))
         self.first_seq = self.events.seq
         self.clock = StreamClock(max_gap=5.0)
+        self.timestamped = False  # the latest frame carried its own timestamp (next_pts is in those)
         self.arrival_clock = StreamClock(max_gap=math.inf)
         self.fps_in = RateMeter()
         self.fps_model = RateMeter()
@@ -311,6 +312,7 @@ class StreamSession:
         if self.closed:
             return False
         t = self.stream_time(media_time, index)
+        self.timestamped = media_time is not None
         admission = self.windower.admit(t)
         if admission is None:
             return False
@@ -496,7 +498,9 @@ class StreamSession:
         windows)."""
         t = self.windower.wanted_from()
         offset = self.clock.offset
-        return None if t is None or offset is None else round(t - offset, 4)
+        if t is None or offset is None or not self.timestamped:
+            return None  # stream time from arrival or frame counts: a client could not match it
+        return round(t - offset, 4)
 
     # ------------------------------------------------------------------ lifecycle
     def set_status(self, status: str, message: str = "") -> None:
