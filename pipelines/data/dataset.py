@@ -200,8 +200,9 @@ def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
         except BaseException as error:  # handed to the consumer, which raises it
             put(error)
         finally:
-            if stop.is_set():
-                items.close()  # the consumer left early: release the Ray Data iterator
+            close = getattr(items, "close", None)
+            if stop.is_set() and close is not None:
+                close()  # the consumer left early: release the Ray Data iterator
 
     thread = threading.Thread(target=produce, name="model-batches", daemon=True)
     thread.start()
