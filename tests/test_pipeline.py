@@ -136,18 +136,19 @@ def test_data_doctor_fails_clearly_when_nothing_is_usable(tmp_path):
 
 def test_background_batches_keep_order_raise_errors_and_stop_when_abandoned():
     """iter_model_batches' prefetch thread: same items in order, the producer's error reaches the
-    consumer, and a consumer that stops early stops the producer (and closes its source)."""
+    consumer, a consumer that stops early stops the producer (and closes its source), and the
+    producer starts before the first batch is asked for."""
     import threading
 
-    from pipelines.data.dataset import _in_background
+    from pipelines.data.dataset import BackgroundIterator
 
-    assert list(_in_background(iter(range(7)), depth=2)) == list(range(7))
+    assert list(BackgroundIterator(iter(range(7)), depth=2)) == list(range(7))
 
     def failing():
         yield 1
         raise ValueError("corrupt block")
 
-    items = _in_background(failing(), depth=2)
+    items = BackgroundIterator(failing(), depth=2)
     assert next(items) == 1
     with pytest.raises(ValueError, match="corrupt block"):
         next(items)
@@ -163,7 +164,19 @@ def test_background_batches_keep_order_raise_errors_and_stop_when_abandoned():
         finally:
             closed.set()
 
-    items = _in_background(endless(), depth=2)
+    items = BackgroundIterator(endless(), depth=2)
     assert [next(items) for _ in range(3)] == [0, 1, 2]
     items.close()
     assert closed.wait(5), "the producer kept running after the consumer left"
+
+    # It starts at once, not at the first next(): the training job makes the next epoch's iterator
+    # before validating, so that epoch's start-up overlaps the validation.
+    started = threading.Event()
+
+    def source():
+        started.set()
+        yield "first batch"
+
+    items = BackgroundIterator(source(), depth=2)
+    assert started.wait(5), "the producer waited for the first next()"
+    assert list(items) == ["first batch"]

@@ -144,19 +144,20 @@ def iter_model_batches(dataset, augmenter, batch_size: int, *, drop_last: bool =
     """Batches for the model: ``video`` float ``[B,T,3,H,W]`` on the augmenter's device, ``label``,
     ``video_id``. ``dataset`` is a Ray Dataset or a Ray Train dataset shard (``DataIterator``).
 
-    With ``background`` (the default) a thread fetches Ray Data batches and runs the DALI stage up to
-    ``prefetch_batches`` ahead of the consumer, so augmentation overlaps the training step instead
-    of adding to it (DALI and PyTorch both release the GIL while they compute). Errors in the thread
-    are raised here; closing this generator early stops the thread.
+    With ``background`` (the default) a thread starts fetching Ray Data batches and running the DALI
+    stage as soon as this is called, and keeps up to ``prefetch_batches`` ahead of the consumer, so
+    augmentation overlaps the training step instead of adding to it (DALI and PyTorch both release
+    the GIL while they compute), and an epoch's start-up (planning, the first decode tasks) can
+    overlap other work if the iterator is made early. Errors in the thread are raised by ``next``;
+    ``close()`` stops the thread.
     """
     raw_batches = dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
                                        prefetch_batches=prefetch_batches,
                                        local_shuffle_buffer_size=local_shuffle_buffer_size)
     model_batches = (_to_model_batch(batch, augmenter) for batch in raw_batches if len(batch["label"]))
     if not background:
-        yield from model_batches
-        return
-    yield from _in_background(model_batches, max(1, prefetch_batches))
+        return model_batches
+    return BackgroundIterator(model_batches, max(1, prefetch_batches))
 
 
 def _to_model_batch(batch: dict[str, np.ndarray], augmenter) -> dict[str, Any]:
@@ -174,49 +175,66 @@ def _to_model_batch(batch: dict[str, np.ndarray], augmenter) -> dict[str, Any]:
 _END = object()
 
 
-def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run ``items`` in a daemon thread, ``depth`` items ahead; re-raise its errors in the caller."""
-    import queue
-    import threading
+class BackgroundIterator:
+    """Run ``items`` in a daemon thread, started at once, ``depth`` items ahead; ``next`` re-raises
+    the thread's errors; ``close()`` (or leaving early) stops the thread and closes ``items``."""
 
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    def __init__(self, items: Iterator[Any], depth: int) -> None:
+        import queue
+        import threading
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
+        self._buffer: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="model-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
             try:
-                buffer.put(item, timeout=0.1)
+                self._buffer.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterator[Any]) -> None:
         try:
             for item in items:
-                if not put(item):
+                if not self._put(item):
                     return
-            put(_END)
+            self._put(_END)
         except BaseException as error:  # handed to the consumer, which raises it
-            put(error)
+            self._put(error)
         finally:
             close = getattr(items, "close", None)
-            if stop.is_set() and close is not None:
+            if self._stop.is_set() and close is not None:
                 close()  # the consumer left early: release the Ray Data iterator
 
-    thread = threading.Thread(target=produce, name="model-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+    def __iter__(self) -> "BackgroundIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item = self._buffer.get()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __del__(self) -> None:
+        self._stop.set()  # an abandoned iterator must not keep its producer (and its Ray Data iterator) alive
 
 
 def for_split(config: PipelineConfig, training: bool) -> PipelineConfig:

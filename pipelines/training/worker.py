@@ -120,6 +120,16 @@ def copy_encoders(source: dict[str, torch.Tensor], model: nn.Module) -> int:
     return len(own)
 
 
+def say(message: str) -> None:
+    """One line on the worker's stdout, which Ray streams to the driver once.
+
+    Ray Train patches ``print`` in its workers to log through its logger, and also prints when
+    ``sys.stdout`` is wrapped (as it is in Ray workers), so a plain ``print`` reached the driver twice."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
 class Progress:
     """A text progress bar and throughput line, printed by rank 0 every few seconds."""
 
@@ -135,9 +145,8 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         filled = min(20, int(20 * done / self.total))
         bar = "#" * filled + "." * (20 - filled)
-        print(f"[{self.label}] [{bar}] {done}/{self.total} videos  {done / elapsed:.1f} videos/s  "
-              f"data wait {100 * wait / elapsed:.0f}%  loss {loss:.3f}", flush=True)
-        sys.stdout.flush()
+        say(f"[{self.label}] [{bar}] {done}/{self.total} videos  {done / elapsed:.1f} videos/s  "
+            f"data wait {100 * wait / elapsed:.0f}%  loss {loss:.3f}")
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -226,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with job["init_checkpoint"].as_directory() as directory:
             copied = copy_encoders(load_state(directory)["model"], model)
         if rank == 0:
-            print(f"[{job['label']}] {copied} encoder tensors taken from the full-frame reference", flush=True)
+            say(f"[{job['label']}] {copied} encoder tensors taken from the full-frame reference")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
@@ -235,11 +244,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         if rank == 0:
-            print(f"[{job['label']}] resuming from the checkpoint of epoch {start_epoch}", flush=True)
+            say(f"[{job['label']}] resuming from the checkpoint of epoch {start_epoch}")
             if mlflow_client is not None:
                 mlflow_client.log_metric(job["mlflow_run_id"], job.get("metric_prefix", "") + "resumed_at_epoch",
                                          start_epoch, step=start_epoch)
 
+    def train_batches():
+        return iter_model_batches(ray.train.get_dataset_shard("train"), augment_train, batch_size)
+
+    next_batches = None
     for epoch in range(start_epoch, epochs):
         # ---- train on this worker's shard
         objective.train()
@@ -248,7 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum = 0.0
         wait = 0.0
         started = time.perf_counter()
-        batches = iter_model_batches(ray.train.get_dataset_shard("train"), augment_train, batch_size)
+        batches = next_batches if next_batches is not None else train_batches()
+        next_batches = None
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -270,6 +284,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.update(seen, wait, loss_sum / seen)
             _maybe_crash(job, epoch, rank, world)
         train_time = time.perf_counter() - started
+        if epoch + 1 < epochs:
+            # The next epoch's input starts now (plan, first decode tasks, first DALI batches): that
+            # start-up then overlaps validation and the checkpoint instead of stalling its first step.
+            next_batches = train_batches()
 
         # ---- validate on this worker's shard of the held-out split
         objective.eval()
@@ -296,10 +314,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
         }
         if rank == 0:
-            print(f"[{job['label']}] epoch {epoch + 1}/{epochs}: loss {metrics['train_loss']:.3f}  "
-                  f"val acc {metrics['val_accuracy']:.3f}  {metrics['val_gflops_per_video']:.3f} GFLOPs/video  "
-                  f"{metrics['videos_per_s']:.1f} videos/s  data wait {100 * metrics['data_wait_fraction']:.0f}%",
-                  flush=True)
+            say(f"[{job['label']}] epoch {epoch + 1}/{epochs}: loss {metrics['train_loss']:.3f}  "
+                f"val acc {metrics['val_accuracy']:.3f}  {metrics['val_gflops_per_video']:.3f} GFLOPs/video  "
+                f"{metrics['videos_per_s']:.1f} videos/s  data wait {100 * metrics['data_wait_fraction']:.0f}%")
             if mlflow_client is not None:
                 prefix = job.get("metric_prefix", "")
                 for key, value in metrics.items():
