@@ -191,17 +191,23 @@ def analyse(model_outputs: dict[str, SplitOutputs], baselines: dict[str, SplitOu
 def summary_table(evaluation: Evaluation) -> str:
     lines = ["Accuracy after t frames (test split), Table 7 form:"]
     columns = list(next(iter(evaluation.steps_table.values())).keys())
-    lines.append(f"  {'policy':22s}" + "".join(f"{c:>12s}" for c in columns))
+    widths = {c: max(12, len(c) + 2) for c in columns}
+    lines.append(f"  {'policy':22s}" + "".join(f"{c:>{widths[c]}s}" for c in columns))
     for name, row in evaluation.steps_table.items():
         lines.append(f"  {name:22s}" + "".join(
-            f"{row[c]:12.3f}" if c == "gflops_per_video" else f"{100 * row[c]:11.1f}%" for c in columns))
+            f"{row[c]:{widths[c]}.3f}" if c == "gflops_per_video" else f"{100 * row[c]:{widths[c] - 1}.1f}%"
+            for c in columns))
     lines.append("Reference models (test split):")
     for name, ref in evaluation.references.items():
         lines.append(f"  {name:30s} accuracy {100 * ref['accuracy']:5.1f}%   {ref['gflops']:.3f} GFLOPs/video")
     lines.append("AdaFocusV2+ early exit (thresholds solved on the held-out split, evaluated on test):")
     shown = evaluation.curve[:: max(1, len(evaluation.curve) // 8)] + evaluation.curve[-1:]
-    for point in sorted({id(p): p for p in shown}.values(), key=lambda p: p["test_gflops"]):
-        lines.append(f"  {point['test_gflops']:.3f} GFLOPs/video -> accuracy {100 * point['test_accuracy']:5.1f}%")
+    printed = set()
+    for point in sorted(shown, key=lambda p: p["test_gflops"]):
+        line = f"  {point['test_gflops']:.3f} GFLOPs/video -> accuracy {100 * point['test_accuracy']:5.1f}%"
+        if line not in printed:  # budgets that end at the same point once
+            printed.add(line)
+            lines.append(line)
     for budget in evaluation.budgets:
         if "error" in budget:
             lines.append(f"  budget {budget['budget_gflops']} GFLOPs: {budget['error']}")
