@@ -86,6 +86,9 @@ class AdaFocusV2Config:
     lr_classifier: float = 0.01
     lr_policy: float = 2e-4
     weight_decay: float = 1e-4
+    policy_teacher_weight: float = 10.0
+    """Our extension, not in the paper; active only after ``set_policy_teacher``: the weight of the
+    pull of pi's centres toward the teacher's (mean squared error)."""
 
     @classmethod
     def tiny(cls, **overrides) -> "AdaFocusV2Config":
@@ -149,6 +152,19 @@ class AdaFocusV2(AdaptiveVideoModel):
         if cfg.auxiliary_supervision:  # FC_G and FC_L of Eq. (10); used for training only
             self.glance_head = nn.Linear(c_g, cfg.num_classes)
             self.local_head = nn.Linear(c_l, cfg.num_classes)
+        self._policy_teacher = None
+
+    def set_policy_teacher(self, teacher: nn.Module | None) -> None:
+        """Our extension, not in the paper: teach pi where to look with a trained model that can say
+        where it sees the class, ``teacher.focus_centres(frames, patch_fraction) -> [N, 2]`` (e.g.
+        the full-frame reference's class activation peak, :meth:`FullFrameModel.focus_centres`).
+
+        While training with a teacher, the main pass crops at the teacher's centres (teacher
+        forcing: fL learns from patches that show the class) and pi regresses onto them with weight
+        ``policy_teacher_weight``; the diversity pass stays on random patches. Why: on the synthetic
+        benchmark the gradient through the crop (Eq. 7-8) barely points at the object (adaptive/
+        README.md). Inference never uses the teacher. It is not a submodule: not saved, not trained."""
+        self.__dict__["_policy_teacher"] = teacher
 
     # ------------------------------------------------------------------ pieces
     def glance(self, frames: torch.Tensor) -> torch.Tensor:
@@ -182,14 +198,16 @@ class AdaFocusV2(AdaptiveVideoModel):
         return torch.stack(centres, dim=1)
 
     # ------------------------------------------------------------------ clip API
-    def encode(self, clip: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All per-frame quantities of a clip ``[B,T,3,H,W]``: e^G, e^L, centres, frames."""
+    def encode(self, clip: torch.Tensor, patch_centres: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """All per-frame quantities of a clip ``[B,T,3,H,W]``: e^G, e^L, centres (pi's), frames.
+        ``patch_centres [B,T,2]``: crop there instead of at pi's centres (teacher forcing)."""
         B, T = clip.shape[:2]
         frames = clip.flatten(0, 1)  # [B*T, 3, H, W]
         maps = self.glance(frames)  # Eq. (1), all frames in one batch
         e_g = maps.mean(dim=(2, 3)).view(B, T, -1)
         centres = self.rollout_policy(self.policy_input(maps).view(B, T, *maps.shape[1:]))  # Eq. (4)
-        e_l = self.local(frames, centres.flatten(0, 1)).view(B, T, -1)  # Eq. (2), (5)-(6)
+        crop_at = centres if patch_centres is None else patch_centres
+        e_l = self.local(frames, crop_at.flatten(0, 1)).view(B, T, -1)  # Eq. (2), (5)-(6)
         return {"frames": frames, "e_g": e_g, "e_l": e_l, "centres": centres}
 
     def forward(self, clip: torch.Tensor) -> ClipOutput:
@@ -215,8 +233,16 @@ class AdaFocusV2(AdaptiveVideoModel):
         return terms
 
     def loss(self, clip: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training objective: Eq. (11) = 1/2 (L' + L'_random), or L' alone without diversity augmentation."""
-        enc = self.encode(clip)
+        """Training objective: Eq. (11) = 1/2 (L' + L'_random), or L' alone without diversity augmentation;
+        with a policy teacher (:meth:`set_policy_teacher`) L' is taken on the teacher's patches and pi's
+        pull toward them is added."""
+        focus = None
+        if self._policy_teacher is not None and self.training:
+            B, T = clip.shape[:2]
+            with torch.no_grad():
+                focus = self._policy_teacher.focus_centres(clip.flatten(0, 1), self.config.patch_fraction)
+            focus = focus.to(clip.dtype).view(B, T, 2)
+        enc = self.encode(clip, patch_centres=focus)
         main = self._objective(enc["e_g"], enc["e_l"], labels)  # L'
         logs = {k: float(v.detach()) for k, v in main.items() if k not in ("total", "logits")}
         loss = main["total"]
@@ -227,6 +253,10 @@ class AdaFocusV2(AdaptiveVideoModel):
             random_pass = self._objective(enc["e_g"], e_l_rand, labels)  # L'_random
             loss = 0.5 * (loss + random_pass["total"])
             logs["ce_fc_random"] = float(random_pass["ce_fc"].detach())
+        if focus is not None:
+            pull = F.mse_loss(enc["centres"], focus)
+            loss = loss + self.config.policy_teacher_weight * pull
+            logs["policy_pull"] = float(pull.detach())
         with torch.no_grad():
             pred = main["logits"][:, -1].argmax(-1)
             logs["acc"] = float((pred == labels).float().mean())

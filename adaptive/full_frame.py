@@ -103,6 +103,23 @@ class FullFrameModel(AdaptiveVideoModel):
         e_l = self.local_encoder(frames).mean(dim=(2, 3))
         return e_g, e_l
 
+    @torch.no_grad()
+    def focus_centres(self, frames: torch.Tensor, patch_fraction: float) -> torch.Tensor:
+        """Where this model sees its predicted class: the peak of its class activation map (CAM,
+        Zhou et al. 2016) -- fL's last feature map projected on FC_L's weights -- as the centre
+        parameters ``[N, 2]`` in [0, 1] of a patch of ``patch_fraction`` of the side (the inverse of
+        AdaFocusV2's Eq. 4). ``frames [N,3,H,W]``. Used to teach AdaFocusV2's policy where to look."""
+        if getattr(self, "local_head", None) is None:
+            raise ValueError("focus_centres needs the auxiliary head FC_L (auxiliary_supervision=True)")
+        maps = self.local_encoder(frames)  # [N, C, h, w]
+        cam = torch.einsum("nchw,kc->nkhw", maps, self.local_head.weight)
+        predicted = cam.mean(dim=(2, 3)).argmax(dim=1)  # = FC_L's prediction (without its bias)
+        cam = cam[torch.arange(len(frames), device=frames.device), predicted]  # [N, h, w]
+        h, w = cam.shape[-2:]
+        peak = cam.flatten(1).argmax(dim=1)
+        middle = torch.stack((((peak % w).to(frames.dtype) + 0.5) / w, ((peak // w).to(frames.dtype) + 0.5) / h), 1)
+        return ((middle - patch_fraction / 2) / (1 - patch_fraction)).clamp(0, 1)
+
     def _fuse(self, e_g, e_l):
         return e_l if e_g is None else torch.cat((e_g, e_l), dim=-1)
 

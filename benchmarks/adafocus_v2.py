@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="epochs of the full-frame model before its encoders initialise AdaFocusV2")
     ap.add_argument("--init", choices=("full_frame", "scratch"), default="full_frame",
                     help="AdaFocusV2's encoder initialisation (the paper: ImageNet weights)")
+    ap.add_argument("--policy-teacher", action="store_true",
+                    help="train the main model (V2+ curve) with the full-frame reference as the policy's teacher "
+                         "(our extension, AdaFocusV2.set_policy_teacher); Table 7 has a taught row either way")
     ap.add_argument("--ablation-epochs", type=float, default=None, help="epochs of Table 6/7 models (default: --epochs)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--time-batch", type=int, default=32, help="streams per batch when timing")
@@ -508,11 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     base = AdaFocusV2Config.tiny(num_classes=num_classes, input_size=args.size)
     results: dict = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
 
-    def fit(cfg, order: str, tag: str, epochs: float, model_cls=AdaFocusV2):
+    def fit(cfg, order: str, tag: str, epochs: float, model_cls=AdaFocusV2, teacher=None):
         torch.manual_seed(args.seed)
         model = model_cls(cfg)
+        if teacher is not None:
+            model.set_policy_teacher(teacher.eval())
         info = train(model, train_bank, epochs=epochs, batch_size=args.batch_size, order=order,
                      seed=args.seed, tag=tag)
+        if teacher is not None:
+            model.set_policy_teacher(None)
         return model, info
 
     # ---------------------------------------------------------------- full-frame reference
@@ -546,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ---------------------------------------------------------------- AdaFocusV2
-    log(f"[train] AdaFocusV2 (all techniques, coarse-to-fine order), {args.epochs:g} epochs")
-    main_model, info = fit(base, "coarse_to_fine", "adafocus_v2", args.epochs)
+    taught = " and the full-frame reference as the policy's teacher" if args.policy_teacher else ""
+    log(f"[train] AdaFocusV2 (all techniques, coarse-to-fine order{taught}), {args.epochs:g} epochs")
+    main_model, info = fit(base, "coarse_to_fine", "adafocus_v2", args.epochs,
+                           teacher=full_model if args.policy_teacher else None)
     results["adafocus_v2_train"] = info
 
     # ---------------------------------------------------------------- Table 7
@@ -564,6 +573,17 @@ def main(argv: list[str] | None = None) -> int:
             table7[policy] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
             if target_boxes is not None:
                 hits[policy] = target_in_patch(boxes, target_boxes, eval_idx)
+            del model
+        if getattr(full_model, "local_head", None) is not None:
+            # Our extension (not the paper's): pi taught by the full-frame reference's class activation
+            # peak, with teacher forcing (AdaFocusV2.set_policy_teacher); inference is pi alone.
+            log("[train] Table 7: learned policy taught by the full-frame reference's CAM (our extension)")
+            model, _ = fit(dataclasses.replace(base, reuse_global_feature=False), "coarse_to_fine", "t7-teacher",
+                           ablation_epochs, teacher=full_model)
+            logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
+            table7["teacher"] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
+            if target_boxes is not None:
+                hits["teacher"] = target_in_patch(boxes, target_boxes, eval_idx)
             del model
         if target_boxes is not None and train_boxes is not None:
             log("[train] Table 7: the target's annotated position (a bound, not a policy)")
@@ -599,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = fit(dataclasses.replace(base, **switches), "coarse_to_fine", "t6", ablation_epochs)
             table6.append((name, switches, acc_after(predict(model, test_bank, "coarse_to_fine"), y_test, T)))
             del model
-        if ablation_epochs != args.epochs:
-            log("[train] Table 6: + stop-gradient (the main configuration, at the ablation epochs)")
+        if ablation_epochs != args.epochs or args.policy_teacher:  # the paper's model, untaught
+            log("[train] Table 6: + stop-gradient (the paper's configuration, at the ablation epochs)")
             model, _ = fit(base, "coarse_to_fine", "t6", ablation_epochs)
             last = acc_after(predict(model, test_bank, "coarse_to_fine"), y_test, T)
             del model
@@ -652,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hits:
             log(head)
         names = {"random": "Random Policy", "centre": "Central Policy", "gaussian": "Gaussian Policy",
-                 "learned": "AdaFocusV2 (learned)", "target": "on the target (bound)"}
+                 "learned": "AdaFocusV2 (learned)", "teacher": "learned, CAM teacher*",
+                 "target": "on the target (bound)"}
         if hits:
             head += f"{'target in patch':>17}"
             log(head)
@@ -663,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         margins = [table7["learned"][i] - best_fixed[i] for i in range(4)]
         log("learned minus best baseline: " + ", ".join(f"t={t}: {100 * m:+.1f}" for t, m in zip((1, 2, 4, T), margins)))
         results["table7_margins"] = margins
+        if "teacher" in table7:
+            taught = [table7["teacher"][i] - best_fixed[i] for i in range(4)]
+            log("* our extension, not the paper's: pi pulled toward the full-frame reference's class activation "
+                "peak, fL trained on those patches; inference is pi alone. Minus best baseline: "
+                + ", ".join(f"t={t}: {100 * m:+.1f}" for t, m in zip((1, 2, 4, T), taught)))
+            results["table7_teacher_margins"] = taught
         if "target" in table7:
             # The model trained and evaluated with its patch on the annotated target: how much placement
             # is worth here, i.e. the most any policy could be ahead of the fixed ones.
@@ -686,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log("\nAdaFocusV2+ (early exit, thresholds solved on val by Eq. 12 / MSDNet, evaluated on test)")
     log(f"full-frame model: {100 * ff_acc:.1f}% at {ff_gflops:.4f} GFLOPs/video; "
-        f"AdaFocusV2 (all frames): {100 * v2_acc:.1f}% at {float(v2_steps.sum()) / 1e9:.4f} GFLOPs/video")
+        f"AdaFocusV2{' (policy taught by the reference: our extension)' if args.policy_teacher else ''} "
+        f"(all frames): {100 * v2_acc:.1f}% at {float(v2_steps.sum()) / 1e9:.4f} GFLOPs/video")
     if target_boxes is not None:
         hit = target_in_patch(v2_boxes, target_boxes, eval_idx)
         results["adafocus_v2_target_in_patch"] = hit

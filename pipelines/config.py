@@ -70,6 +70,10 @@ class ModelConfig:
     reference first (``eval.train_full_frame``) and start the model's glance and local encoders from
     its weights -- our stand-in for the paper's ImageNet initialisation (section 4.1). Encoders
     given weight files (``overrides.glance.weights`` ...) keep them."""
+    policy_teacher: bool = False
+    """Our extension, not in the paper: the trained full-frame reference teaches the policy where to
+    look (its class activation peak; ``AdaFocusV2.set_policy_teacher``). Needs the reference
+    (``eval.train_full_frame``) and a method that has ``set_policy_teacher``."""
 
 
 @dataclass
@@ -191,7 +195,8 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else None
     parts = key.strip().split(".")
-    if parts[0] == "model" and len(parts) >= 2 and parts[1] not in ("method", "preset", "overrides"):
+    # model.<field of the method's config> is shorthand for model.overrides.<field>
+    if parts[0] == "model" and len(parts) >= 2 and parts[1] not in {f.name for f in dataclasses.fields(ModelConfig)}:
         parts = ["model", "overrides", *parts[1:]]
     nested: dict[str, Any] = {}
     cursor = nested

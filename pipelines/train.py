@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.method:
         config.model.method = args.method
+    if config.model.policy_teacher and (not config.eval.train_full_frame or config.model.method == "full_frame"):
+        print("train: bad configuration: model.policy_teacher needs the full-frame reference "
+              "(eval.train_full_frame=true) and an adaptive method", file=sys.stderr)
+        return 2
     if args.resume:
         config.run.name = args.resume
     run_name = config.run.name or f"{config.model.method}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -258,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             job["init_checkpoint"] = reference.checkpoint
             print("the model's encoders start from the full-frame reference's (model.init_from_full_frame)",
                   flush=True)
+        if reference.checkpoint is not None and config.model.policy_teacher:
+            job["teacher_checkpoint"] = reference.checkpoint
+            print("the full-frame reference teaches the policy where to look (model.policy_teacher)", flush=True)
     result = fit(config, job, run_name, datasets, gpu)
     checkpoints["model"] = result.checkpoint
     if result.checkpoint is None:

@@ -275,6 +275,70 @@ def test_full_frame_step_reproduces_forward():
             torch.testing.assert_close(flops, out.flops[:, t])
 
 
+def test_full_frame_focus_is_the_class_activation_peak():
+    """FullFrameModel.focus_centres: the patch centre whose patch is centred on the cell where the
+    predicted class's evidence (fL's map projected on FC_L) peaks; the inverse of Eq. (4)."""
+    torch.manual_seed(0)
+    model = build_model("full_frame", FullFrameConfig.matching(micro_config())).eval()
+    channels = model.local_head.in_features
+
+    class HotCell(nn.Module):  # a 4x4 feature map, zero except channel 0 at row 1, column 3
+        def forward(self, frames):
+            maps = torch.zeros(len(frames), channels, 4, 4)
+            maps[:, 0, 1, 3] = 1.0
+            return maps
+
+    model.local_encoder = HotCell()
+    with torch.no_grad():
+        model.local_head.weight.zero_()
+        model.local_head.weight[2, 0] = 1.0  # class 2 reads channel 0
+    f = 0.5
+    centres = model.focus_centres(torch.zeros(3, 3, 32, 32), patch_fraction=f)
+    middle = torch.tensor([3.5 / 4, 1.5 / 4])  # the hot cell's centre, normalised (x, y)
+    torch.testing.assert_close(centres, ((middle - f / 2) / (1 - f)).clamp(0, 1).expand(3, 2))
+    box = centres_to_boxes(centres, f)[0]
+    assert box[0] <= middle[0] <= box[2] and box[1] <= middle[1] <= box[3]
+
+
+def test_policy_teacher_forces_the_patches_and_pulls_pi():
+    """set_policy_teacher (our extension): fL is trained on the teacher's patches, pi is pulled toward
+    the teacher's centres, inference ignores the teacher and the state dict does not hold it."""
+
+    class Teacher(nn.Module):
+        def focus_centres(self, frames, patch_fraction):
+            return torch.tensor([[0.9, 0.1]]).expand(len(frames), 2)
+
+    torch.manual_seed(0)
+    model = AdaFocusV2(micro_config(diversity_augmentation=False, lr_policy=1e-2))
+    keys = set(model.state_dict())
+    model.set_policy_teacher(Teacher())
+    assert set(model.state_dict()) == keys
+    clip, labels = make_clip(B=4, T=2)
+    # teacher forcing: the loss is the loss on the teacher's patches
+    enc = model.encode(clip, patch_centres=torch.tensor([0.9, 0.1]).expand(4, 2, 2))
+    model.train()
+    loss, logs = model.loss(clip, labels)
+    expect = model._objective(enc["e_g"], enc["e_l"], labels)["total"]
+    torch.testing.assert_close(loss - model.config.policy_teacher_weight * logs["policy_pull"], expect)
+    # the pull moves pi toward the teacher's centres
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
+    with torch.no_grad():
+        before = float(((model(clip).extra["centres"] - torch.tensor([0.9, 0.1])) ** 2).mean())
+    for _ in range(30):
+        model.train()
+        loss, _ = model.loss(clip, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(((model(clip).extra["centres"] - torch.tensor([0.9, 0.1])) ** 2).mean())
+    assert after < 0.25 * before
+    model.set_policy_teacher(None)
+    _, logs = model.loss(clip, labels)
+    assert "policy_pull" not in logs
+
+
 def test_states_stack_split_serialise():
     """A server can batch streams, split them, ship them and resume: results unchanged."""
     torch.manual_seed(0)

@@ -34,16 +34,20 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def test_demo_configuration_end_to_end_and_mlflow_contents(training_set, tmp_path):
+    # The demo configuration (shortened by ci.yaml) plus the optional policy teacher, so that path
+    # runs through Ray Train once too.
     done = run_train(["--config", str(REPO / "configs" / "ci.yaml"), f"data.manifest={training_set}",
-                      "run.name=e2e"], tmp_path)
+                      "run.name=e2e", "model.policy_teacher=true"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Accuracy after t frames" in done.stdout and "flops_ratio_at_full_acc=" in done.stdout
     assert "videos/s" in done.stdout + done.stderr  # progress / throughput lines
+    assert "teaches the policy where to look" in done.stdout + done.stderr
 
     client = _mlflow(tmp_path)
     (run,) = _runs(client, "e2e")
     params = run.data.params
     assert params["optim.epochs"] == "1" and params["data.frames"] == "4" and params["model.method"] == "adafocus_v2"
+    assert params["model.policy_teacher"] == "True"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) == 1 and 0.0 <= history[0].value <= 1.0
     for key in ("train_loss", "val_gflops_per_video", "videos_per_s", "data_wait_fraction",
@@ -166,9 +170,14 @@ def test_config_overrides_and_errors(tmp_path):
     config = load_config(tmp_path / "exp.yaml", ["data.frames=5", "model.patch_size=48", "eval.baselines=[centre]"])
     assert (config.optim.epochs, config.data.frames, config.model.overrides, config.eval.baselines) == (
         9, 5, {"patch_size": 48}, ["centre"])
+    config = load_config(None, ["model.init_from_full_frame=false", "model.policy_teacher=true"])
+    assert (config.model.init_from_full_frame, config.model.policy_teacher, config.model.overrides) == (
+        False, True, {})  # ModelConfig's own fields, not the method's overrides
     with pytest.raises(ConfigError, match="epoch"):
         load_config(None, ["optim.epoch=3"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["optim.epochs"])
     done = run_train(["optim.epochz=1"], tmp_path, timeout=60)
     assert done.returncode == 2 and "bad configuration" in done.stderr
+    done = run_train(["model.policy_teacher=true", "eval.train_full_frame=false"], tmp_path, timeout=60)
+    assert done.returncode == 2 and "policy_teacher needs the full-frame reference" in done.stderr

@@ -229,6 +229,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Where the workers ran: checked by the multi-node test, useful when debugging placement.
         mlflow_client.set_tag(job["mlflow_run_id"], f"adastream.{job['label']}.worker_nodes", ",".join(nodes))
 
+    if job.get("teacher_checkpoint") is not None:
+        teacher = build_method(config, job["num_classes"], "full_frame")
+        with job["teacher_checkpoint"].as_directory() as directory:
+            teacher.load_state_dict(load_state(directory)["model"])
+        model.set_policy_teacher(teacher.to(device).eval())
+        if rank == 0:
+            say(f"[{job['label']}] the full-frame reference teaches the policy where to look")
+
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and job.get("init_checkpoint") is not None:
