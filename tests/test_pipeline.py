@@ -169,6 +169,12 @@ def test_background_batches_keep_order_raise_errors_and_stop_when_abandoned():
     items.close()
     assert closed.wait(5), "the producer kept running after the consumer left"
 
+    closed.clear()
+    items = BackgroundIterator(endless(), depth=2)
+    assert next(items) == 0
+    del items  # dropped without close(), e.g. by an exception in the consumer's loop
+    assert closed.wait(5), "the producer kept running after its iterator was dropped"
+
     # It starts at once, not at the first next(): the training job makes the next epoch's iterator
     # before validating, so that epoch's start-up overlaps the validation.
     started = threading.Event()

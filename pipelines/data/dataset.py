@@ -177,7 +177,7 @@ _END = object()
 
 class BackgroundIterator:
     """Run ``items`` in a daemon thread, started at once, ``depth`` items ahead; ``next`` re-raises
-    the thread's errors; ``close()`` (or leaving early) stops the thread and closes ``items``."""
+    the thread's errors; ``close()`` (or dropping the iterator) stops the thread and closes ``items``."""
 
     def __init__(self, items: Iterator[Any], depth: int) -> None:
         import queue
@@ -186,32 +186,10 @@ class BackgroundIterator:
         self._buffer: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
-        self._thread = threading.Thread(target=self._produce, args=(items,), name="model-batches", daemon=True)
+        # The thread holds the buffer and the event, not this object, so dropping it runs __del__.
+        self._thread = threading.Thread(target=_produce, args=(items, self._buffer, self._stop),
+                                        name="model-batches", daemon=True)
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_END)
-        except BaseException as error:  # handed to the consumer, which raises it
-            self._put(error)
-        finally:
-            close = getattr(items, "close", None)
-            if self._stop.is_set() and close is not None:
-                close()  # the consumer left early: release the Ray Data iterator
 
     def __iter__(self) -> "BackgroundIterator":
         return self
@@ -235,6 +213,32 @@ class BackgroundIterator:
 
     def __del__(self) -> None:
         self._stop.set()  # an abandoned iterator must not keep its producer (and its Ray Data iterator) alive
+
+
+def _produce(items: Iterator[Any], buffer, stop) -> None:
+    """BackgroundIterator's thread: ``items`` into ``buffer`` until done or ``stop`` is set."""
+    import queue
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put(item):
+                return
+        put(_END)
+    except BaseException as error:  # handed to the consumer, which raises it
+        put(error)
+    finally:
+        close = getattr(items, "close", None)
+        if stop.is_set() and close is not None:
+            close()  # the consumer left early: release the Ray Data iterator
 
 
 def for_split(config: PipelineConfig, training: bool) -> PipelineConfig:
