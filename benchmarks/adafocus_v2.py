@@ -564,39 +564,35 @@ def main(argv: list[str] | None = None) -> int:
     target_boxes = load_target_boxes(args.data, "test", len(test_bank), video_frames=4 * T)
     train_boxes = load_target_boxes(args.data, "train", len(train_bank), video_frames=4 * T)
     eval_idx = test_bank.frame_indices(len(test_bank), False, "coarse_to_fine", None)
+    def table7_row(key: str, model) -> None:
+        logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
+        table7[key] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
+        if target_boxes is not None:
+            hits[key] = target_in_patch(boxes, target_boxes, eval_idx)
+
     if not args.skip_table7:
+        t7 = dataclasses.replace(base, reuse_global_feature=False)  # fC on e^L only
         for policy in ("random", "centre", "gaussian", "learned"):
-            cfg = dataclasses.replace(base, policy=policy, reuse_global_feature=False)
             log(f"[train] Table 7: {policy} policy (fC on e^L only)")
-            model, _ = fit(cfg, "coarse_to_fine", f"t7-{policy}", ablation_epochs)
-            logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
-            table7[policy] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
-            if target_boxes is not None:
-                hits[policy] = target_in_patch(boxes, target_boxes, eval_idx)
+            model, _ = fit(dataclasses.replace(t7, policy=policy), "coarse_to_fine", f"t7-{policy}", ablation_epochs)
+            table7_row(policy, model)
             del model
         if getattr(full_model, "local_head", None) is not None:
             # Our extension (not the paper's): pi taught by the full-frame reference's class activation
             # peak, with teacher forcing (AdaFocusV2.set_policy_teacher); inference is pi alone.
             log("[train] Table 7: learned policy taught by the full-frame reference's CAM (our extension)")
-            model, _ = fit(dataclasses.replace(base, reuse_global_feature=False), "coarse_to_fine", "t7-teacher",
-                           ablation_epochs, teacher=full_model)
-            logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
-            table7["teacher"] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
-            if target_boxes is not None:
-                hits["teacher"] = target_in_patch(boxes, target_boxes, eval_idx)
+            model, _ = fit(t7, "coarse_to_fine", "t7-teacher", ablation_epochs, teacher=full_model)
+            table7_row("teacher", model)
             del model
         if target_boxes is not None and train_boxes is not None:
             log("[train] Table 7: the target's annotated position (a bound, not a policy)")
-            cfg = dataclasses.replace(base, reuse_global_feature=False)
             torch.manual_seed(args.seed)
-            model = TargetFocus(cfg, {id(train_bank): train_boxes, id(test_bank): target_boxes})
+            model = TargetFocus(t7, {id(train_bank): train_boxes, id(test_bank): target_boxes})
             model.follow(train_bank)
             train(model, train_bank, epochs=ablation_epochs, batch_size=args.batch_size, order="coarse_to_fine",
                   seed=args.seed, tag="t7-target")
             model.follow(test_bank)
-            logits, boxes = predict(model, test_bank, "coarse_to_fine", with_boxes=True)
-            table7["target"] = [acc_after(logits, y_test, t) for t in (1, 2, 4, T)]
-            hits["target"] = target_in_patch(boxes, target_boxes, eval_idx)
+            table7_row("target", model)
             train_bank.on_batch = test_bank.on_batch = None
             del model
         results["table7"] = table7

@@ -230,6 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         mlflow_client.set_tag(job["mlflow_run_id"], f"adastream.{job['label']}.worker_nodes", ",".join(nodes))
 
     if job.get("teacher_checkpoint") is not None:
+        if not hasattr(model, "set_policy_teacher"):
+            raise ValueError(f"model.policy_teacher: {job['method']} has no policy to teach")
         teacher = build_method(config, job["num_classes"], "full_frame")
         with job["teacher_checkpoint"].as_directory() as directory:
             teacher.load_state_dict(load_state(directory)["model"])
