@@ -43,6 +43,7 @@ __all__ = [
     "interpolate_crop",
     "interpolate_crop_reference",
     "centres_to_boxes",
+    "centres_on",
 ]
 
 
@@ -172,3 +173,12 @@ def centres_to_boxes(centres: torch.Tensor, crop_fraction: float | Sequence[floa
     f = centres.new_tensor(_per_axis(crop_fraction, d))
     lo = centres * (1 - f)  # Eq. (4) in normalised units: c/L - S/(2L)
     return torch.cat((lo, lo + f), dim=-1)
+
+
+def centres_on(points: torch.Tensor, crop_fraction: float | Sequence[float]) -> torch.Tensor:
+    """The inverse of Eq. (4): the centre parameters ``[..., d]`` in [0, 1] that put the middle of a
+    crop of ``crop_fraction`` on the normalised ``points [..., d]`` (clamped where the crop would
+    leave the frame)."""
+    f = torch.tensor(_per_axis(crop_fraction, points.shape[-1]), dtype=torch.float64)  # as Python floats would
+    half, rest = (f / 2).to(points), (1 - f).to(points)
+    return ((points - half) / rest).clamp(0, 1)

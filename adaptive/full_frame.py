@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import BackboneConfig, build_backbone
+from .cropping import centres_on
 from .flops import count_macs
 from .heads import AccumulatedMaxPoolClassifier
 from .interface import AdaptiveVideoModel, ClipOutput, State, StepOutput, register_model
@@ -118,7 +119,7 @@ class FullFrameModel(AdaptiveVideoModel):
         h, w = cam.shape[-2:]
         peak = cam.flatten(1).argmax(dim=1)
         middle = torch.stack((((peak % w).to(frames.dtype) + 0.5) / w, ((peak // w).to(frames.dtype) + 0.5) / h), 1)
-        return ((middle - patch_fraction / 2) / (1 - patch_fraction)).clamp(0, 1)
+        return centres_on(middle, patch_fraction)
 
     def _fuse(self, e_g, e_l):
         return e_l if e_g is None else torch.cat((e_g, e_l), dim=-1)

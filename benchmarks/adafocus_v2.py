@@ -69,7 +69,7 @@ from adaptive import (  # noqa: E402
     select_state,
     stack_states,
 )
-from adaptive.cropping import centres_to_boxes  # noqa: E402
+from adaptive.cropping import centres_on, centres_to_boxes  # noqa: E402
 from adaptive.early_exit import (  # noqa: E402
     ExitPolicy,
     evaluate_fixed_steps,
@@ -191,7 +191,7 @@ class TargetFocus(AdaFocusV2):
             box[flip] = torch.stack((1 - box[flip][..., 2], box[flip][..., 1],
                                      1 - box[flip][..., 0], box[flip][..., 3]), dim=-1)
             middle = (box[..., :2] + box[..., 2:]) / 2
-            self.centres_now = ((middle - f / 2) / (1 - f)).clamp(0, 1)  # inverse of Eq. (4)
+            self.centres_now = centres_on(middle, f)
 
         bank.on_batch = on_batch
 
@@ -268,8 +268,7 @@ def policy_signal(model, bank: ClipBank, target_boxes: torch.Tensor, frame_idx: 
     to_target = target_centre - (box[:, :2] + box[:, 2:]) / 2
     out = {"gradient_alignment": float(F.cosine_similarity(-grad, to_target, dim=1).mean())}
     if getattr(model, "local_head", None) is not None:
-        # the inverse of Eq. (4): the centre parameter that puts the patch's middle on the target
-        placements = {"oracle": ((target_centre - f / 2) / (1 - f)).clamp(0, 1),
+        placements = {"oracle": centres_on(target_centre, f),
                       "random": torch.rand(n, 2, generator=gen), "centre": torch.full((n, 2), 0.5)}
         with torch.no_grad():
             for name, c in placements.items():

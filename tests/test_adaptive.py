@@ -29,7 +29,7 @@ from adaptive import (
     state_to_bytes,
 )
 from adaptive.backbones import MobileNetV2Features, ResNetFeatures, build_backbone
-from adaptive.cropping import centres_to_boxes, interpolate_crop, interpolate_crop_reference
+from adaptive.cropping import centres_on, centres_to_boxes, interpolate_crop, interpolate_crop_reference
 from adaptive.heads import AccumulatedMaxPoolClassifier
 from adaptive.interface import config_from_dict, normalize_uint8_clip
 from adaptive.policies import FixedPatchPolicy, RecurrentPatchPolicy
@@ -115,6 +115,10 @@ def test_crop_gradient_matches_finite_differences():
 def test_boxes():
     boxes = centres_to_boxes(torch.tensor([[0.0, 1.0], [0.5, 0.5]]), 0.5)
     torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.5, 0.5, 1.0], [0.25, 0.25, 0.75, 0.75]]))
+    # centres_on inverts Eq. (4): the crop's middle lands on the point, or as near as the frame allows
+    points = torch.tensor([[0.3, 0.6], [0.05, 0.99]])
+    boxes = centres_to_boxes(centres_on(points, 0.5), 0.5)
+    torch.testing.assert_close((boxes[:, :2] + boxes[:, 2:]) / 2, torch.tensor([[0.3, 0.6], [0.25, 0.75]]))
 
 
 # --------------------------------------------------------------------------- policies, heads
