@@ -126,6 +126,11 @@ class FeatureExtractor(nn.Module):
             self.train(was_training)
         return int(y.shape[-2]), int(y.shape[-1])
 
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature maps after each stage, finest first; the last is ``forward(x)``. Encoders
+        without stages return that one map."""
+        return [self(x)]
+
 
 def load_local_weights(module: nn.Module, path: str, ignore_prefixes: Sequence[str] = ()) -> list[str]:
     """Load a local state dict (``weights_only=True``) into ``module``.
@@ -267,8 +272,16 @@ class ResNetFeatures(FeatureExtractor):
         return nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage_outputs(x)[-1]
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of ``layer1`` .. ``layer4`` (output strides 4, 8, 16, 32)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        outputs = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            outputs.append(x)
+        return outputs
 
 
 def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:

@@ -192,6 +192,14 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_class(name: str) -> type[AdaptiveVideoModel]:
+    """The class registered as ``name`` (to ask what a method supports without building it)."""
+    _import_builtin_models()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name][0]
+
+
 def _import_builtin_models() -> None:
     # importing the modules runs their @register_model decorators
     from . import adafocus_v2, full_frame  # noqa: F401
@@ -210,10 +218,7 @@ def build_model(name: str, config: Any = None, **overrides: Any) -> AdaptiveVide
     preset), the name of a preset classmethod (``"tiny"``, ``"paper"``), a dict
     of fields, or a config instance; ``overrides`` replace single fields.
     """
-    _import_builtin_models()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {sorted(_REGISTRY)}")
-    cls, config_cls = _REGISTRY[name]
+    cls, config_cls = model_class(name), _REGISTRY[name][1]
     if config is None:
         cfg = config_cls()
     elif isinstance(config, str):

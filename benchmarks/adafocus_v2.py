@@ -15,13 +15,19 @@ Trains the tiny configuration of :mod:`adaptive` on the real generated videos
    solved on the validation split, Eq. 12, evaluated on the test split) next to
    the full-frame model, with 64x64 patches on 112x112 frames (0.57 of the side,
    the paper's 128 on 224) and the cost of the 96- and 160-on-224 equivalents.
+   That model's policy is taught by the full-frame reference, as in the training
+   job (our extension, ``AdaFocusV2.set_policy_teacher``); ``--no-policy-teacher``
+   trains it the paper's way.  Table 7 shows both.
 
 The last line is ``flops_ratio_at_full_acc=... cpu_time_ratio=...``:
 GFLOPs/video of AdaFocusV2+ at the cheapest budget whose test accuracy reaches
 the full-frame model's, divided by the full-frame model's GFLOPs/video; and the
-same ratio of measured CPU time per test video (AdaFocusV2+ streamed frame by
+same ratio of measured CPU time per test video (AdaFocusV2+ stepped frame by
 frame with exits in ``--time-batch`` slots that a new video takes as soon as one
-exits, as the live server batches streams; the full-frame model on whole clips).  Everything is measured; nothing is hard-coded.
+exits, as the live server batches streams; the full-frame model on whole clips,
+its cheapest mode; ``cpu_time_ratio_streamed``: against the full-frame model
+stepped the same way); each timing keeps its best of ``--time-rounds`` alternating
+rounds.  Everything is measured; nothing is hard-coded.
 
 Data: ``--data DIR`` (default ``data/synthetic_bench``) is generated with
 ``pipelines.data.synthetic.generate_benchmark`` if it holds no benchmark yet,
@@ -468,12 +474,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="epochs of the full-frame model before its encoders initialise AdaFocusV2")
     ap.add_argument("--init", choices=("full_frame", "scratch"), default="full_frame",
                     help="AdaFocusV2's encoder initialisation (the paper: ImageNet weights)")
-    ap.add_argument("--policy-teacher", action="store_true",
+    ap.add_argument("--policy-teacher", action=argparse.BooleanOptionalAction, default=True,
                     help="train the main model (V2+ curve) with the full-frame reference as the policy's teacher "
-                         "(our extension, AdaFocusV2.set_policy_teacher); Table 7 has a taught row either way")
+                         "(our extension, AdaFocusV2.set_policy_teacher; the training job's default); "
+                         "--no-policy-teacher: the paper's training. Table 7 has both rows either way")
+    ap.add_argument("--reuse-global-feature", action="store_true",
+                    help="the main model's fC on cat(e^G, e^L), the paper's default (the tiny preset: e^L only)")
     ap.add_argument("--ablation-epochs", type=float, default=None, help="epochs of Table 6/7 models (default: --epochs)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--time-batch", type=int, default=32, help="streams per batch when timing")
+    ap.add_argument("--time-rounds", type=int, default=5, help="alternating timing rounds (each keeps its best)")
+    ap.add_argument("--time-threads", type=int, default=1,
+                    help="torch threads while timing (idle threads spin and count as CPU time)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-table6", action="store_true")
@@ -554,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- AdaFocusV2
     taught = " and the full-frame reference as the policy's teacher" if args.policy_teacher else ""
     log(f"[train] AdaFocusV2 (all techniques, coarse-to-fine order{taught}), {args.epochs:g} epochs")
-    main_model, info = fit(base, "coarse_to_fine", "adafocus_v2", args.epochs,
+    main_cfg = dataclasses.replace(base, reuse_global_feature=True) if args.reuse_global_feature else base
+    main_model, info = fit(main_cfg, "coarse_to_fine", "adafocus_v2", args.epochs,
                            teacher=full_model if args.policy_teacher else None)
     results["adafocus_v2_train"] = info
 
@@ -576,13 +589,13 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = fit(dataclasses.replace(t7, policy=policy), "coarse_to_fine", f"t7-{policy}", ablation_epochs)
             table7_row(policy, model)
             del model
-        if getattr(full_model, "local_head", None) is not None:
-            # Our extension (not the paper's): pi taught by the full-frame reference's class activation
-            # peak, with teacher forcing (AdaFocusV2.set_policy_teacher); inference is pi alone.
-            log("[train] Table 7: learned policy taught by the full-frame reference's CAM (our extension)")
-            model, _ = fit(t7, "coarse_to_fine", "t7-teacher", ablation_epochs, teacher=full_model)
-            table7_row("teacher", model)
-            del model
+        # Our extension (not the paper's): pi taught by the full-frame reference's attention peak
+        # (FullFrameModel.focus_centres), with teacher forcing (AdaFocusV2.set_policy_teacher);
+        # inference is pi alone.
+        log("[train] Table 7: learned policy taught by the full-frame reference's attention (our extension)")
+        model, _ = fit(t7, "coarse_to_fine", "t7-teacher", ablation_epochs, teacher=full_model)
+        table7_row("teacher", model)
+        del model
         if target_boxes is not None and train_boxes is not None:
             log("[train] Table 7: the target's annotated position (a bound, not a policy)")
             torch.manual_seed(args.seed)
@@ -667,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hits:
             log(head)
         names = {"random": "Random Policy", "centre": "Central Policy", "gaussian": "Gaussian Policy",
-                 "learned": "AdaFocusV2 (learned)", "teacher": "learned, CAM teacher*",
+                 "learned": "AdaFocusV2 (learned)", "teacher": "learned, taught*",
                  "target": "on the target (bound)"}
         if hits:
             head += f"{'target in patch':>17}"
@@ -681,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         results["table7_margins"] = margins
         if "teacher" in table7:
             taught = [table7["teacher"][i] - best_fixed[i] for i in range(4)]
-            log("* our extension, not the paper's: pi pulled toward the full-frame reference's class activation "
-                "peak, fL trained on those patches; inference is pi alone. Minus best baseline: "
+            log("* our extension, not the paper's: pi pulled toward the peak of the full-frame reference's "
+                "attention map, fL trained on those patches; inference is pi alone. Minus best baseline: "
                 + ", ".join(f"t={t}: {100 * m:+.1f}" for t, m in zip((1, 2, 4, T), taught)))
             results["table7_teacher_margins"] = taught
         if "target" in table7:
@@ -762,22 +775,44 @@ def main(argv: list[str] | None = None) -> int:
         f"({rnd.mean_steps:.2f}) | fixed {fixed.mean_steps:.0f} frames {100 * fixed.accuracy:.1f}%")
 
     # ---------------------------------------------------------------- CPU time
-    ff_cpu, ff_wall = time_full_frame(full_model, test_bank, order, args.time_batch)
-    v2_cpu, v2_wall, steps_online, preds_online = time_streaming_exits(main_model, test_bank, order, at.policy,
-                                                                       args.time_batch)
+    # The contenders take turns, --time-rounds times, and each keeps its least disturbed round (the
+    # minimum): these machines are noisy, and a one-off background burst must not decide the ratio.
+    class NeverExit:
+        def should_exit(self, logits, t):
+            return torch.zeros(len(logits), dtype=torch.bool)
+
+    timings: dict[str, list[tuple[float, float]]] = {"ff": [], "ff_streamed": [], "v2": []}
+    torch.set_num_threads(args.time_threads)
+    for _ in range(args.time_rounds):
+        timings["ff"].append(time_full_frame(full_model, test_bank, order, args.time_batch))
+        timings["ff_streamed"].append(time_streaming_exits(full_model, test_bank, order, NeverExit(),
+                                                           args.time_batch)[:2])
+        cpu, wall, steps_online, preds_online = time_streaming_exits(main_model, test_bank, order, at.policy,
+                                                                     args.time_batch)
+        timings["v2"].append((cpu, wall))
+    torch.set_num_threads(args.threads)
+    (ff_cpu, ff_wall), (ffs_cpu, ffs_wall), (v2_cpu, v2_wall) = (
+        tuple(min(x[i] for x in timings[k]) for i in (0, 1)) for k in ("ff", "ff_streamed", "v2"))
     steps_offline = exit_steps(v2_test, at.policy)
     agree = float((steps_online == steps_offline).double().mean())
     online_acc = float((preds_online == y_test).double().mean())
-    cpu_ratio = v2_cpu / ff_cpu
-    log(f"CPU time per test video ({args.threads} threads): full-frame {1e3 * ff_cpu:.2f} ms "
-        f"(wall {1e3 * ff_wall:.2f}), AdaFocusV2+ streamed {1e3 * v2_cpu:.2f} ms (wall {1e3 * v2_wall:.2f}); "
+    # Stored videos, each model in its cheapest mode: the full-frame model on whole clips, V2+ with
+    # continuous batching (the loop above). Live streams: both stepped frame by frame in the slots.
+    cpu_ratio, streamed_ratio = v2_cpu / ff_cpu, v2_cpu / ffs_cpu
+    log(f"CPU time per test video ({args.time_threads} thread(s), best of {args.time_rounds} alternating rounds): "
+        f"full-frame on whole clips {1e3 * ff_cpu:.2f} ms (wall {1e3 * ff_wall:.2f}), stepped as {args.time_batch} "
+        f"streams {1e3 * ffs_cpu:.2f} ms (wall {1e3 * ffs_wall:.2f}); AdaFocusV2+ stepped as {args.time_batch} "
+        f"streams {1e3 * v2_cpu:.2f} ms (wall {1e3 * v2_wall:.2f}); cpu_time_ratio {cpu_ratio:.3f} against whole "
+        f"clips, {streamed_ratio:.3f} against the full-frame streams; "
         f"online exits match offline for {100 * agree:.1f}% of videos, online accuracy {100 * online_acc:.1f}%")
-    results.update(full_frame={"acc": ff_acc, "gflops": ff_gflops, "cpu_s": ff_cpu, "wall_s": ff_wall},
+    results.update(full_frame={"acc": ff_acc, "gflops": ff_gflops, "cpu_s": ff_cpu, "wall_s": ff_wall,
+                               "streamed_cpu_s": ffs_cpu, "streamed_wall_s": ffs_wall},
                    adafocus_v2={"acc": v2_acc, "gflops": float(v2_steps.sum()) / 1e9},
                    adafocus_v2_plus={"acc": at.test.accuracy, "gflops": at.test.gflops, "cpu_s": v2_cpu,
                                      "wall_s": v2_wall, "mean_frames": at.test.mean_steps,
                                      "thresholds": at.policy.to_dict()},
                    flops_ratio_at_full_acc=flops_ratio, cpu_time_ratio=cpu_ratio,
+                   cpu_time_ratio_streamed=streamed_ratio,
                    total_seconds=time.time() - t_start)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -791,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean nothing; train longer (--epochs/--pretrain-epochs) or on more videos")
     log(f"total time {time.time() - t_start:.0f} s")
     log(f"flops_ratio_at_full_acc={flops_ratio:.3f} cpu_time_ratio={cpu_ratio:.3f} "
+        f"cpu_time_ratio_streamed={streamed_ratio:.3f} "
         f"full_frame_acc={ff_acc:.3f} v2plus_acc={at.test.accuracy:.3f} "
         f"v2plus_gflops={at.test.gflops:.4f} full_frame_gflops={ff_gflops:.4f} "
         f"above_chance={str(above_chance).lower()}")

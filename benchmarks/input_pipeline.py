@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--crop-size", type=int, default=112)
+    parser.add_argument("--crop-scales", type=float, nargs="+", default=None,
+                        help="training crop scales, as data.crop_scales (default: the job's, crop-size / size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="blocks per contender")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = build_model("adafocus_v2", "tiny", num_classes=manifest.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    augment = ClipAugmenter(AugmentConfig(crop_size=args.crop_size, resize_size=args.size), training=True,
+    scales = tuple(args.crop_scales or [args.crop_size / args.size])
+    augment = ClipAugmenter(AugmentConfig(crop_size=args.crop_size, resize_size=args.size, scales=scales), training=True,
                             max_batch_size=args.batch_size, device_id=None, seed=0)
     config = PipelineConfig(decode=DecodeConfig(num_frames=args.frames, size=args.size, training=True,
                                                 coarse_to_fine=True), shuffle=True, seed=0)

@@ -54,6 +54,12 @@ class DataConfig:
     coarse_to_fine: bool = False
     """FrameExit's middle-first frame order (AdaFocusV2 Table 6). Off by default: a model that serves
     live streams sees frames in arrival order, so it should be trained in that order."""
+    crop_scales: list[float] | None = None
+    """Training crops: candidate crop sides as fractions of the short side, resized to ``crop_size``
+    (TSN's multi-scale crop, AdaFocusV2 appendix A.1: ``[1.0, 0.875, 0.75, 0.66]``). None: the
+    evaluation scale only (``crop_size / size``), i.e. random translations -- for classes defined
+    by a texture's scale, like the synthetic benchmark's glyphs, which scale jitter turns into
+    other patterns (the demo's full-frame reference learned faster without it)."""
     flip: bool = True
     """Random horizontal flip in training (turn off for direction-defined classes)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -70,10 +76,12 @@ class ModelConfig:
     reference first (``eval.train_full_frame``) and start the model's glance and local encoders from
     its weights -- our stand-in for the paper's ImageNet initialisation (section 4.1). Encoders
     given weight files (``overrides.glance.weights`` ...) keep them."""
-    policy_teacher: bool = False
+    policy_teacher: bool | str = "auto"
     """Our extension, not in the paper: the trained full-frame reference teaches the policy where to
-    look (its class activation peak; ``AdaFocusV2.set_policy_teacher``). Needs the reference
-    (``eval.train_full_frame``) and a method that has ``set_policy_teacher``."""
+    look (the peak of its attention map; ``AdaFocusV2.set_policy_teacher``). ``auto``: whenever the
+    reference is trained (``eval.train_full_frame``) and the method has a policy to teach (in the
+    demo it measured +20 points of test accuracy, README); ``true``: required (an error where it
+    cannot be); ``false``: the paper's method as published (the paper configs)."""
 
 
 @dataclass
@@ -132,6 +140,12 @@ class EvalConfig:
     """Patch-policy baselines evaluated with the trained weights (Table 7)."""
     budgets_gflops: list[float] = field(default_factory=list)
     """Extra GFLOPs/video budgets to solve thresholds for (the curve is always traced)."""
+    trained_baselines: list[str] = field(default_factory=list)
+    """Patch policies to train as models of their own -- same recipe, epochs and starting weights,
+    no policy teacher -- and report beside the learned policy (the baselines of the paper's
+    Table 7, which the benchmark trains too), e.g. ``[random]``. Unlike ``baselines`` (the trained
+    model's weights with another policy), these show what the policy earns over never learning
+    where to look. Each costs one more training run, which is why the demo (10 minutes) has none."""
     train_full_frame: bool = True
     """Also train the non-adaptive full-frame model on the same data, as the reference."""
     full_frame_epochs: int | None = 4

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -113,7 +114,9 @@ def start_ray(config: TrainConfig) -> None:
     # More logical CPUs than cores: Train workers hold theirs for the whole run, and the decode
     # tasks of Ray Data must always find a free slot or the job waits forever.
     num_cpus = config.run.local_num_cpus or cores + int(2 * config.run.num_workers * config.run.cpus_per_worker) + 2
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=config.run.object_store_memory)
+    # The dashboard also serves the state API, which Ray Train's placement-group cleaner polls (without
+    # it every poll logs a warning); it listens on 127.0.0.1:8265 only.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, object_store_memory=config.run.object_store_memory)
 
 
 def use_gpu(config: TrainConfig) -> bool:
@@ -147,6 +150,26 @@ def fit(config: TrainConfig, job: dict[str, Any], run_name: str, datasets: dict[
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
     return trainer.fit()
+
+
+def policy_teacher(config: TrainConfig) -> bool:
+    """Resolve ``model.policy_teacher`` (``auto`` / true / false) against the rest of the config."""
+    from adaptive.interface import model_class
+
+    setting = config.model.policy_teacher
+    if isinstance(setting, str) and setting.lower() != "auto":
+        raise ConfigError(f"model.policy_teacher must be auto, true or false, not {setting!r}")
+    try:
+        teachable = hasattr(model_class(config.model.method), "set_policy_teacher")
+    except KeyError as error:
+        raise ConfigError(str(error)) from None
+    possible = config.eval.train_full_frame and config.model.method != "full_frame" and teachable
+    if isinstance(setting, str):
+        return possible
+    if setting and not possible:
+        raise ConfigError("model.policy_teacher needs the full-frame reference (eval.train_full_frame=true) "
+                          "and a method with a policy; set model.policy_teacher=false to train without it")
+    return bool(setting)
 
 
 def initialise_from_reference(config: TrainConfig) -> bool:
@@ -206,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.method:
         config.model.method = args.method
-    if config.model.policy_teacher and (not config.eval.train_full_frame or config.model.method == "full_frame"):
-        print("train: bad configuration: model.policy_teacher needs the full-frame reference "
-              "(eval.train_full_frame=true) and an adaptive method", file=sys.stderr)
+    try:
+        config.model.policy_teacher = policy_teacher(config)  # logged and saved as resolved
+    except ConfigError as error:
+        print(f"train: bad configuration: {error}", file=sys.stderr)
         return 2
     if args.resume:
         config.run.name = args.resume
@@ -270,12 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     if result.checkpoint is None:
         print(f"train: the run produced no checkpoint ({result.error})", file=sys.stderr)
         return 1
+    checkpoints["trained_baselines"] = {}
+    for policy in config.eval.trained_baselines:
+        # The same recipe and starting weights with a fixed patch policy and no teacher: what the
+        # learned policy earns over never learning where to look (Table 7's baselines).
+        baseline_job = {k: v for k, v in job.items() if k != "teacher_checkpoint"}
+        baseline_job.update(label=f"{policy}_policy", metric_prefix=f"{policy}_policy/",
+                            model_overrides={"policy": policy}, crash_after_epoch=None)
+        baseline = fit(config, baseline_job, f"{run_name}-{policy}-policy", datasets, gpu)
+        if baseline.checkpoint is None:
+            print(f"train: the {policy}-policy baseline produced no checkpoint ({baseline.error})", file=sys.stderr)
+            return 1
+        checkpoints["trained_baselines"][policy] = baseline.checkpoint
 
     print("evaluating: per-step predictions on the held-out and test splits, baselines ...", flush=True)
     evaluate = ray.remote(evaluate_run).options(num_cpus=config.run.cpus_per_worker, num_gpus=1 if gpu else 0)
     outputs = ray.get(evaluate.remote(config.to_dict(), job, checkpoints,
                                       {"val": splits["val"], "test": splits["test"]}, report))
-    evaluation = analyse(outputs["model"], outputs["baselines"], outputs["full_frame"], config.eval.budgets_gflops)
+    evaluation = analyse(outputs["model"], outputs["baselines"], outputs["full_frame"], config.eval.budgets_gflops,
+                         trained_baselines=outputs["trained_baselines"])
     files = write_artifacts(evaluation, outputs, out_dir, f"{config.model.method} on {Path(config.data.manifest).parent.name}")
     data_report = ray.get(report.to_dict.remote())
     (out_dir / "data_report.json").write_text(json.dumps(data_report, indent=1))
@@ -287,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.log_artifact(str(path), artifact_path="patches" if path.parent.name == "patches" else None)
     metrics = {f"test_{k}": float(v) for k, v in evaluation.headline.items() if v == v}
     for name, row in evaluation.steps_table.items():
-        key = name.replace(" ", "_")
+        key = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")  # MLflow metric names: no commas
         metrics.update({f"test_acc_{key}_{c.split(' ')[0].replace('=', '')}": float(v)
                         for c, v in row.items() if c.startswith("t=")})
     metrics["skipped_videos"] = float(data_report["counts"]["skipped"])

@@ -279,26 +279,30 @@ def test_full_frame_step_reproduces_forward():
             torch.testing.assert_close(flops, out.flops[:, t])
 
 
-def test_full_frame_focus_is_the_class_activation_peak():
-    """FullFrameModel.focus_centres: the patch centre whose patch is centred on the cell where the
-    predicted class's evidence (fL's map projected on FC_L) peaks; the inverse of Eq. (4)."""
+def test_full_frame_focus_is_the_attention_peak_on_the_stride_16_map():
+    """FullFrameModel.focus_centres: the patch centred on the cell where fL's stride-16 map (ResNet's
+    layer3) has the most activation energy (sum of squares over channels); the inverse of Eq. (4).
+    The stride-32 map (layer4) is not used, whatever it holds."""
     torch.manual_seed(0)
     model = build_model("full_frame", FullFrameConfig.matching(micro_config())).eval()
-    channels = model.local_head.in_features
+    encoder = model.local_encoder
+    assert [m.shape[-1] for m in encoder.stage_outputs(torch.zeros(1, 3, 64, 64))] == [16, 8, 4, 2]
 
-    class HotCell(nn.Module):  # a 4x4 feature map, zero except channel 0 at row 1, column 3
-        def forward(self, frames):
-            maps = torch.zeros(len(frames), channels, 4, 4)
-            maps[:, 0, 1, 3] = 1.0
-            return maps
+    def hot_cell(frames):  # an 8x8 stride-16 map for 128 px: energy in channels 0 and 1 at row 2, column 6
+        maps = torch.zeros(len(frames), 4, 8, 8)
+        maps[:, 0, 2, 6], maps[:, 1, 2, 6] = -2.0, 1.0  # sign does not matter: energy 5
+        maps[:, 2, 5, 1] = 2.0  # energy 4: second
+        return maps
 
-    model.local_encoder = HotCell()
-    with torch.no_grad():
-        model.local_head.weight.zero_()
-        model.local_head.weight[2, 0] = 1.0  # class 2 reads channel 0
+    def decoy(frames):
+        maps = torch.zeros(len(frames), 4, 4, 4)
+        maps[:, 0, 0, 0] = 100.0
+        return maps
+
+    encoder.stage_outputs = lambda frames: [hot_cell(frames), decoy(frames)]
     f = 0.5
-    centres = model.focus_centres(torch.zeros(3, 3, 32, 32), patch_fraction=f)
-    middle = torch.tensor([3.5 / 4, 1.5 / 4])  # the hot cell's centre, normalised (x, y)
+    centres = model.focus_centres(torch.zeros(3, 3, 128, 128), patch_fraction=f)
+    middle = torch.tensor([6.5 / 8, 2.5 / 8])  # the hot cell's centre, normalised (x, y)
     torch.testing.assert_close(centres, ((middle - f / 2) / (1 - f)).clamp(0, 1).expand(3, 2))
     box = centres_to_boxes(centres, f)[0]
     assert box[0] <= middle[0] <= box[2] and box[1] <= middle[1] <= box[3]

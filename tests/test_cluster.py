@@ -50,7 +50,8 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, training_set, tmp_
         [str(BIN / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
          "python", "pipelines/train.py", "--config", "configs/ci.yaml", f"data.manifest={training_set}",
          f"run.storage_path={tmp_path / 'runs'}", "run.name=two-nodes", "run.num_workers=2",
-         "run.worker_resources.node_slot=1", "eval.train_full_frame=false", "eval.baselines=[]"],
+         "run.worker_resources.node_slot=1", "eval.train_full_frame=false", "eval.baselines=[]",
+         "eval.trained_baselines=[]"],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in submit.stdout.lower()

@@ -15,7 +15,7 @@ from tests.conftest import REPO, run_train
 
 pytestmark = pytest.mark.slow
 
-FAST = ["eval.train_full_frame=false", "eval.baselines=[]"]
+FAST = ["eval.train_full_frame=false", "eval.baselines=[]", "eval.trained_baselines=[]"]
 
 
 def _mlflow(cwd: Path):
@@ -34,14 +34,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def test_demo_configuration_end_to_end_and_mlflow_contents(training_set, tmp_path):
-    # The demo configuration (shortened by ci.yaml) plus the optional policy teacher, so that path
-    # runs through Ray Train once too.
+    # The demo configuration (shortened by ci.yaml): the policy teacher (explicit here, the default
+    # anyway) and a model trained with random patches run through Ray Train too.
     done = run_train(["--config", str(REPO / "configs" / "ci.yaml"), f"data.manifest={training_set}",
                       "run.name=e2e", "model.policy_teacher=true"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Accuracy after t frames" in done.stdout and "flops_ratio_at_full_acc=" in done.stdout
     assert "videos/s" in done.stdout + done.stderr  # progress / throughput lines
     assert "teaches the policy where to look" in done.stdout + done.stderr
+    assert "random policy, trained" in done.stdout  # a baseline model trained with random patches
 
     client = _mlflow(tmp_path)
     (run,) = _runs(client, "e2e")
@@ -51,7 +52,8 @@ def test_demo_configuration_end_to_end_and_mlflow_contents(training_set, tmp_pat
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) == 1 and 0.0 <= history[0].value <= 1.0
     for key in ("train_loss", "val_gflops_per_video", "videos_per_s", "data_wait_fraction",
-                "full_frame/val_accuracy", "test_adafocus_accuracy", "test_full_frame_gflops", "skipped_videos"):
+                "full_frame/val_accuracy", "random_policy/val_accuracy", "test_acc_random_policy_trained_t1",
+                "test_adafocus_accuracy", "test_full_frame_gflops", "skipped_videos"):
         assert key in run.data.metrics, key
     assert run.data.metrics["val_gflops_per_video"] < run.data.metrics["full_frame/val_gflops_per_video"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -181,3 +183,18 @@ def test_config_overrides_and_errors(tmp_path):
     assert done.returncode == 2 and "bad configuration" in done.stderr
     done = run_train(["model.policy_teacher=true", "eval.train_full_frame=false"], tmp_path, timeout=60)
     assert done.returncode == 2 and "policy_teacher needs the full-frame reference" in done.stderr
+
+
+def test_policy_teacher_auto_follows_the_reference():
+    """model.policy_teacher=auto (the default) is on exactly when the full-frame reference is trained
+    for a method with a policy; the paper configs turn it off; nonsense is a config error."""
+    from pipelines.train import policy_teacher
+
+    assert policy_teacher(load_config(None)) is True
+    assert policy_teacher(load_config(None, ["eval.train_full_frame=false"])) is False
+    assert policy_teacher(load_config(None, ["model.method=full_frame"])) is False
+    assert policy_teacher(load_config(None, ["model.policy_teacher=false"])) is False
+    for name in ("kinetics_paper", "ssv2_paper"):
+        assert policy_teacher(load_config(REPO / "configs" / f"{name}.yaml")) is False
+    with pytest.raises(ConfigError, match="auto, true or false"):
+        policy_teacher(load_config(None, ["model.policy_teacher=sometimes"]))

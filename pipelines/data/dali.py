@@ -44,7 +44,7 @@ def sample_crops(batch: int, height: int, width: int, config: AugmentConfig,
                  rng: np.random.Generator) -> np.ndarray:
     """Per-clip training crop windows ``[B, 5]`` float32: ``x, y, w, h`` in pixels and ``flip``."""
     side = min(height, width)
-    sizes = [int(side * s) for s in config.scales]
+    sizes = [min(side, int(round(side * s))) for s in config.scales]
     pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if abs(i - j) <= config.max_distort]
     choice = rng.integers(0, len(pairs), size=batch)
     params = np.empty((batch, 5), dtype=np.float32)

@@ -151,11 +151,16 @@ def accuracy_by_steps(outputs: SplitOutputs) -> dict[str, float]:
 
 
 def analyse(model_outputs: dict[str, SplitOutputs], baselines: dict[str, SplitOutputs],
-            full_frame: SplitOutputs | None, budgets_gflops: list[float]) -> Evaluation:
-    """Tables and curve from the collected outputs (``model_outputs`` has ``val`` and ``test``)."""
+            full_frame: SplitOutputs | None, budgets_gflops: list[float],
+            trained_baselines: dict[str, SplitOutputs] | None = None) -> Evaluation:
+    """Tables and curve from the collected outputs (``model_outputs`` has ``val`` and ``test``;
+    ``baselines``: the model's weights with another policy; ``trained_baselines``: models trained
+    with another policy)."""
     val, test = model_outputs["val"], model_outputs["test"]
     result = Evaluation()
     result.steps_table["learned policy"] = accuracy_by_steps(test)
+    for name, outputs in (trained_baselines or {}).items():
+        result.steps_table[f"{name} policy, trained"] = accuracy_by_steps(outputs)
     for name, outputs in baselines.items():
         result.steps_table[f"{name} patches"] = accuracy_by_steps(outputs)
     points = trace_curve(val.logits, val.labels, val.flops, test.logits, test.labels, test.flops)
@@ -197,6 +202,8 @@ def summary_table(evaluation: Evaluation) -> str:
         lines.append(f"  {name:22s}" + "".join(
             f"{row[c]:{widths[c]}.3f}" if c == "gflops_per_video" else f"{100 * row[c]:{widths[c] - 1}.1f}%"
             for c in columns))
+    if any(name.endswith("trained") for name in evaluation.steps_table):
+        lines.append("  (trained: a model trained with that patch policy; patches: this model's weights with it)")
     lines.append("Reference models (test split):")
     for name, ref in evaluation.references.items():
         lines.append(f"  {name:30s} accuracy {100 * ref['accuracy']:5.1f}%   {ref['gflops']:.3f} GFLOPs/video")
@@ -237,7 +244,7 @@ def evaluate_run(config_dict: dict, job: dict, checkpoints: dict[str, Any], spli
         missing, unexpected = model.load_state_dict(state["model"], strict=not overrides)
         return model.to(device)
 
-    outputs: dict[str, Any] = {"model": {}, "baselines": {}, "full_frame": None}
+    outputs: dict[str, Any] = {"model": {}, "baselines": {}, "trained_baselines": {}, "full_frame": None}
     model = load(job["method"], checkpoints["model"])
     for name, manifest in splits.items():
         keep = config.eval.visualise_videos if name == "test" else 0
@@ -246,6 +253,10 @@ def evaluate_run(config_dict: dict, job: dict, checkpoints: dict[str, Any], spli
         baseline = load(job["method"], checkpoints["model"], policy=policy)
         torch.manual_seed(config.run.seed)  # random/Gaussian patches: the same draws every run
         outputs["baselines"][policy] = collect_outputs(baseline, splits["test"], config, device)
+    for policy, checkpoint in (checkpoints.get("trained_baselines") or {}).items():
+        baseline = load(job["method"], checkpoint, policy=policy)
+        torch.manual_seed(config.run.seed)
+        outputs["trained_baselines"][policy] = collect_outputs(baseline, splits["test"], config, device)
     if checkpoints.get("full_frame") is not None:
         reference = load("full_frame", checkpoints["full_frame"])
         outputs["full_frame"] = collect_outputs(reference, splits["test"], config, device)

@@ -38,8 +38,10 @@ class Objective(nn.Module):
         return self.model.loss(clip, labels)
 
 
-def build_method(config: TrainConfig, num_classes: int, method: str | None = None) -> nn.Module:
-    """The configured model (or the full-frame reference with the same encoders)."""
+def build_method(config: TrainConfig, num_classes: int, method: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The configured model (or the full-frame reference with the same encoders); ``overrides``
+    replace fields of the method's config on top of ``model.overrides`` (e.g. a baseline policy)."""
     method = method or config.model.method
     if method == "full_frame" and config.model.method != "full_frame":
         from adaptive.full_frame import FullFrameConfig
@@ -47,7 +49,8 @@ def build_method(config: TrainConfig, num_classes: int, method: str | None = Non
         reference = build_model(config.model.method, config.model.preset, num_classes=num_classes,
                                 **config.model.overrides)
         return build_model("full_frame", FullFrameConfig.matching(reference.config))
-    return build_model(method, config.model.preset, num_classes=num_classes, **config.model.overrides)
+    return build_model(method, config.model.preset, num_classes=num_classes,
+                       **{**config.model.overrides, **(overrides or {})})
 
 
 def optimizer_name(config: TrainConfig) -> str:
@@ -202,7 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.run.cpus_per_worker)))
     torch.manual_seed(config.run.seed)
 
-    model = build_method(config, job["num_classes"], job["method"])
+    model = build_method(config, job["num_classes"], job["method"], job.get("model_overrides"))
     optimizer = make_optimizer(model, config)
     batch_size = config.optim.batch_size
     train_videos = int(job["train_videos"])
@@ -215,6 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = model.to(device)
     on_gpu = device.type == "cuda"
     augment_config = AugmentConfig(crop_size=config.data.crop_size, resize_size=config.data.size,
+                                   scales=tuple(config.data.crop_scales or [config.data.crop_size / config.data.size]),
                                    flip=config.data.flip)
     augment_train = ClipAugmenter(augment_config, training=True, max_batch_size=batch_size,
                                   device_id=device.index if on_gpu else None, seed=config.run.seed + 7919 * rank)
