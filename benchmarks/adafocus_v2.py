@@ -422,6 +422,13 @@ def time_full_frame(model, bank: ClipBank, order: str, batch_size: int) -> tuple
     return (time.process_time() - c0) / len(bank), (time.perf_counter() - w0) / len(bank)
 
 
+class NeverExit:
+    """An exit rule that never fires: a non-adaptive model stepped like a stream, every frame."""
+
+    def should_exit(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(logits), dtype=torch.bool)
+
+
 @torch.no_grad()
 def time_streaming_exits(model, bank: ClipBank, order: str, policy: ExitPolicy, batch_size: int):
     """CPU/wall seconds per video for AdaFocusV2+ served as streams, the way the live server batches
@@ -777,10 +784,6 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- CPU time
     # The contenders take turns, --time-rounds times, and each keeps its least disturbed round (the
     # minimum): these machines are noisy, and a one-off background burst must not decide the ratio.
-    class NeverExit:
-        def should_exit(self, logits, t):
-            return torch.zeros(len(logits), dtype=torch.bool)
-
     timings: dict[str, list[tuple[float, float]]] = {"ff": [], "ff_streamed": [], "v2": []}
     torch.set_num_threads(args.time_threads)
     for _ in range(args.time_rounds):

@@ -249,14 +249,14 @@ def evaluate_run(config_dict: dict, job: dict, checkpoints: dict[str, Any], spli
     for name, manifest in splits.items():
         keep = config.eval.visualise_videos if name == "test" else 0
         outputs["model"][name] = collect_outputs(model, manifest, config, device, keep_frames=keep, report=report)
-    for policy in config.eval.baselines:
-        baseline = load(job["method"], checkpoints["model"], policy=policy)
-        torch.manual_seed(config.run.seed)  # random/Gaussian patches: the same draws every run
-        outputs["baselines"][policy] = collect_outputs(baseline, splits["test"], config, device)
-    for policy, checkpoint in (checkpoints.get("trained_baselines") or {}).items():
+    # The model's weights with another policy, and the models trained with one.
+    baselines = [("baselines", policy, checkpoints["model"]) for policy in config.eval.baselines]
+    baselines += [("trained_baselines", policy, checkpoint)
+                  for policy, checkpoint in (checkpoints.get("trained_baselines") or {}).items()]
+    for kind, policy, checkpoint in baselines:
         baseline = load(job["method"], checkpoint, policy=policy)
-        torch.manual_seed(config.run.seed)
-        outputs["trained_baselines"][policy] = collect_outputs(baseline, splits["test"], config, device)
+        torch.manual_seed(config.run.seed)  # random/Gaussian patches: the same draws every run
+        outputs[kind][policy] = collect_outputs(baseline, splits["test"], config, device)
     if checkpoints.get("full_frame") is not None:
         reference = load("full_frame", checkpoints["full_frame"])
         outputs["full_frame"] = collect_outputs(reference, splits["test"], config, device)
