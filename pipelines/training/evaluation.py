@@ -238,9 +238,7 @@ def evaluate_run(config_dict: dict, job: dict, checkpoints: dict[str, Any], spli
     def load(method: str, checkpoint, **overrides) -> torch.nn.Module:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
-        model = build_method(config, job["num_classes"], method)
-        if overrides:
-            model = type(model)(dataclasses.replace(model.config, **overrides))
+        model = build_method(config, job["num_classes"], method, overrides)
         missing, unexpected = model.load_state_dict(state["model"], strict=not overrides)
         return model.to(device)
 
