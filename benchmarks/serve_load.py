@@ -61,6 +61,7 @@ import fractions
 import json
 import io
 import os
+import secrets
 import socket
 import struct
 import sys
@@ -80,6 +81,10 @@ import requests
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 
+HTTP = requests.Session()
+"""The benchmark's HTTP client; carries the server's token (a random one, set in main)."""
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -92,8 +97,8 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def serve_cpu_seconds() -> float:
-    """CPU seconds used so far by the processes that do per-stream work: Serve's HTTP proxy and the app's
-    replicas (ingress and recognizer). CPU time is what a stream costs whatever else runs on the machine,
+    """CPU seconds used so far by the processes that do per-stream work: Serve's HTTP proxy (the Python
+    ProxyActor, and HAProxy where ``high_throughput`` runs it) and the app's replicas (ingress and recognizer). CPU time is what a stream costs whatever else runs on the machine,
     so it measures capacity robustly where wall-clock limits are noisy."""
     total = 0.0
     for entry in Path("/proc").iterdir():
@@ -101,7 +106,8 @@ def serve_cpu_seconds() -> float:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            if b"ProxyActor" not in cmdline and b"ServeReplica:adastream-bench" not in cmdline:
+            is_haproxy = (entry / "comm").read_bytes().strip().endswith(b"haproxy")
+            if not is_haproxy and b"ProxyActor" not in cmdline and b"ServeReplica:adastream-bench" not in cmdline:
                 continue
             if b"StreamDirectory" in cmdline:
                 continue  # bookkeeping, not per-frame work
@@ -265,6 +271,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
     try:
         for s in stats:
             ws = await websockets.connect(f"{ws_base}/v1/streams/{s.stream_id}/ws?budget={budget}", proxy=None,
+                                          additional_headers={k: v for k, v in HTTP.headers.items() if k == "Authorization"},
                                           max_size=None, open_timeout=60, compression=None)
             connections.append((ws, asyncio.create_task(reader(ws, s))))
     except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as error:
@@ -428,7 +435,7 @@ def free_udp_ports(count: int) -> list[int]:
 
 
 def _summaries(base_url: str) -> dict[str, dict]:
-    return {s["stream_id"]: s for s in requests.get(f"{base_url}/v1/streams", timeout=30).json()["streams"]}
+    return {s["stream_id"]: s for s in HTTP.get(f"{base_url}/v1/streams", timeout=30).json()["streams"]}
 
 
 async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, float, float],
@@ -441,14 +448,14 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
 
     def create() -> None:
         for sid, port in zip(ids, ports):
-            reply = requests.post(f"{base_url}/v1/streams", timeout=60, json={
+            reply = HTTP.post(f"{base_url}/v1/streams", timeout=60, json={
                 "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget, "emit": "windows"})
             reply.raise_for_status()
 
     def delete() -> None:
         for sid in ids:
             try:
-                requests.delete(f"{base_url}/v1/streams/{sid}", timeout=30)
+                HTTP.delete(f"{base_url}/v1/streams/{sid}", timeout=30)
             except requests.RequestException as error:
                 log(f"    (could not delete {sid}: {error})")
 
@@ -581,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-p99-ms", type=float, default=None, help="also require this p99 (default: none)")
     parser.add_argument("--max-drop", type=float, default=0.02, help="largest share of sampled frames dropped")
     parser.add_argument("--colocate", action="store_true", help="run the capacity search with colocate_model=true")
+    parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
+                        help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
+                             "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--resolution", type=float, default=0.1,
                         help="stop bisecting the sustained N when the bracket is within this share of it")
@@ -639,16 +649,21 @@ def main(argv: list[str] | None = None) -> int:
         f"p99 {percentile(direct, 99):.2f} ms (one call every {args.window_seconds / T * 1e3:.0f} ms like a stream's "
         f"sampled frames, the process idle in between: p50 {percentile(paced, 50):.2f} ms)")
 
+    # A token, as a real deployment has one (and the high-throughput data plane requires it).
+    token = secrets.token_urlsafe(16)
+    HTTP.headers["Authorization"] = f"Bearer {token}"
+
     def serve_config(colocate: bool, prefix: str = "/") -> ServeConfig:
         return ServeConfig(port=args.port, model_uri=args.model, tracking_uri=tracking,
                            app_name="adastream-bench" + ("-colocated" if colocate else ""), route_prefix=prefix,
                            window_seconds=args.window_seconds, max_streams=4 * args.max_streams,
                            max_fps_in=10 * args.fps, api_requests_per_s=10000, api_burst=10000, idle_timeout_s=120,
-                           emit="steps", colocate_model=colocate)
+                           emit="steps", colocate_model=colocate, auth_token=token,
+                           high_throughput="true" if args.high_throughput else "false")
 
     config = start(serve_config(args.colocate))
     base = config.url
-    info = requests.get(base + "/v1/info", timeout=30).json()
+    info = HTTP.get(base + "/v1/info", timeout=30).json()
     log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}); "
         f"replicas {info['replica']}, {info['recognizer_replica']}")
 

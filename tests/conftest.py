@@ -10,6 +10,13 @@ import pytest
 # Local tests only: Ray 2.60 enables token auth by default. Never set this on a shared cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The serving app's data plane for a server with a token (ServeConfig.high_throughput=auto), as
+# `pipelines.serve.app.start` would start its own Ray: HAProxy + gRPC handles. The session's Ray must
+# start with it; every test server has a token. ADASTREAM_TEST_SERVE_PROXY=python tests Serve's Python
+# proxy instead.
+if os.environ.get("ADASTREAM_TEST_SERVE_PROXY", "haproxy") == "haproxy":
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"

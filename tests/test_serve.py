@@ -286,6 +286,20 @@ def test_config_needs_a_token_beyond_loopback(monkeypatch):
     assert ServeConfig(host="0.0.0.0", auth_token="x").resolved().local_files_allowed is False
 
 
+def test_high_throughput_mode_only_with_a_token(monkeypatch):
+    # Ray's HAProxy mode binds the ingress replica's port on all interfaces: never without a token.
+    monkeypatch.delenv("ADASTREAM_TOKEN", raising=False)
+    assert not ServeConfig().resolved().wants_high_throughput  # auto, no token: Serve's Python proxy
+    assert ServeConfig(auth_token="t").resolved().wants_high_throughput  # auto with a token: on
+    assert not ServeConfig(auth_token="t", high_throughput="false").resolved().wants_high_throughput
+    with pytest.raises(ConfigError, match="high_throughput=true requires a token"):
+        ServeConfig(high_throughput="true").resolved()
+    with pytest.raises(ConfigError, match="auto, true or false"):
+        ServeConfig(high_throughput="fast").resolved()
+    overridden = load_serve_config(None, ["high_throughput=false", "auth_token=t"]).resolved()
+    assert not overridden.wants_high_throughput  # YAML's false (a bool) works as well as "false"
+
+
 # ----------------------------------------------------------------------------------------- resumption
 class _FakeHub:
     """Just enough of the ingress for a StreamSession (no model: nothing is stepped here)."""

@@ -316,6 +316,10 @@ def test_health_info_openapi_and_auth(server):
     info = server.info()
     assert info["model"]["classes"] == CLASSES and info["model"]["num_frames"] == T
     assert info["budget"]["budget"] == "auto"
+    # The session's Ray runs the product's default data plane (tests/conftest.py): HAProxy + gRPC handles.
+    expected = os.environ.get("ADASTREAM_TEST_SERVE_PROXY", "haproxy") == "haproxy"
+    assert info["data_plane"] == ({"http": "haproxy", "handles": "grpc"} if expected
+                                  else {"http": "python_proxy", "handles": "ray_actor_calls"})
     assert info["budget"]["gflops"] == pytest.approx(3 * server.registered["step_gflops"])
     spec = server.get("/openapi.json").json()
     for path in ("/v1/streams", "/v1/streams/{stream_id}", "/v1/streams/{stream_id}/events", "/v1/budget"):

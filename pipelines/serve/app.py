@@ -32,6 +32,10 @@ from pipelines.serve.config import ConfigError, ServeConfig, load_serve_config
 logger = logging.getLogger(__name__)
 
 
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+"""Ray Serve's high-throughput mode (``ServeConfig.high_throughput``): read by Ray's processes at start."""
+
+
 def build_app(config: ServeConfig) -> Any:
     """The Serve application (``Application``) for a resolved config."""
     from pipelines.serve.directory import StreamDirectory
@@ -74,13 +78,18 @@ def start(config: ServeConfig, *, address: str | None = None, blocking: bool = F
     :class:`ConfigError` for a config that must not run (e.g. beyond loopback without a token).
     """
     import ray
-    from ray import serve
 
     config = config.resolved()
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if config.wants_high_throughput and not address:
+            # Before ray.init (and before ray.serve reads its constants): the controller, HAProxy and
+            # the replicas inherit this environment.
+            for key, value in HIGH_THROUGHPUT_ENV.items():
+                os.environ.setdefault(key, value)
         # No address: a Ray of our own ("local"), never whatever cluster happens to run on this machine.
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=True)
+    from ray import serve
     # Per-request access logs cost more than a frame's processing; ADASTREAM_SERVE_LOG_LEVEL=INFO for debugging.
     logging_config = {"enable_access_log": False, "log_level": os.environ.get("ADASTREAM_SERVE_LOG_LEVEL", "WARNING")}
     serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)

@@ -77,6 +77,16 @@ class ServeConfig:
     """Run the model inside the ingress replica instead of a separate Recognizer deployment: one hop
     less per frame (lower latency, less CPU) on a single CPU machine, but the model no longer scales
     (or moves to GPUs) on its own, and an ingress failure takes the model with it."""
+    high_throughput: str = "auto"
+    """Ray Serve's high-throughput data plane (Ray >= 2.55): HAProxy instead of the Python HTTP proxy,
+    handing each WebSocket straight to the ingress replica's own HTTP server (no actor call per message),
+    and gRPC between deployments (``RAY_SERVE_ENABLE_HA_PROXY=1``, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``).
+    Ray then binds the replica's HTTP port and HAProxy's stats and metrics ports on all interfaces, so
+    the mode needs a token: ``auto`` = on when a token is set, ``true`` = on (a token is required),
+    ``false`` = off. They are environment variables that Ray's processes read when they start, so
+    :func:`pipelines.serve.app.start` sets them only for a Ray it starts itself; on a running cluster set
+    them on every node before ``ray start`` (``ray_cluster.yaml`` does; ``cluster/start_local_cluster.sh`` passes
+    them through from its environment)."""
     recognizer_replicas: int = 1
     recognizer_max_replicas: int = 0
     """> recognizer_replicas turns on Serve autoscaling between the two."""
@@ -146,6 +156,11 @@ class ServeConfig:
         if not is_loopback(self.host) and not self.auth_token:
             raise ConfigError(f"listening on {self.host} (beyond loopback) requires a token: set auth_token "
                               f"or ${TOKEN_ENV}")
+        if str(self.high_throughput).lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"high_throughput must be auto, true or false, got {self.high_throughput!r}")
+        if str(self.high_throughput).lower() == "true" and not self.auth_token:
+            raise ConfigError("high_throughput=true requires a token: Ray's HAProxy mode binds the ingress "
+                              f"replica's HTTP port on all interfaces; set auth_token or ${TOKEN_ENV}")
         if self.emit not in EMIT_MODES:
             raise ConfigError(f"emit must be one of {EMIT_MODES}, got {self.emit!r}")
         if self.drop_policy not in DROP_POLICIES:
@@ -157,6 +172,12 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.window_frames < 0 or self.window_seconds < 0:
             raise ConfigError("window_frames and window_seconds must be >= 0")
+
+    @property
+    def wants_high_throughput(self) -> bool:
+        """Whether a Ray started for this config should run Serve's high-throughput data plane."""
+        mode = str(self.high_throughput).lower()
+        return mode == "true" or (mode == "auto" and bool(self.auth_token))
 
     @property
     def local_files_allowed(self) -> bool:

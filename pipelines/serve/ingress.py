@@ -51,7 +51,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.serve.budgets import BudgetError, ExitCatalog, ExitChoice
-from pipelines.serve.config import ServeConfig
+from pipelines.serve.config import ConfigError, ServeConfig
 from pipelines.serve.engine import StepRequest, StepResult
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
@@ -132,6 +132,15 @@ class StreamError(Exception):
     def __init__(self, status: int, close_code: int, detail: str) -> None:
         super().__init__(detail)
         self.status, self.close_code, self.detail = status, close_code, detail
+
+
+def serve_data_plane() -> dict[str, str]:
+    """How requests reach this replica and its handles, as Serve in this process runs them
+    (``ServeConfig.high_throughput``): operators can check that the mode took effect."""
+    from ray.serve._private import constants
+
+    return {"http": "haproxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "python_proxy",
+            "handles": "grpc" if getattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False) else "ray_actor_calls"}
 
 
 def _close_reason(text: str) -> str:
@@ -251,6 +260,10 @@ class Ingress:
         self.recognizer = recognizer
         self.directory = directory
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        if serve_data_plane()["http"] == "haproxy" and not config.auth_token:
+            # Ray's HAProxy mode serves this replica on all interfaces, whatever `host` says.
+            raise ConfigError("this Ray runs Serve with HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1), which exposes the "
+                              "ingress replica's HTTP port on all interfaces: set auth_token or $ADASTREAM_TOKEN")
         self.loop = asyncio.get_running_loop()
         if recognizer is not None:
             self.meta = await asyncio.wait_for(recognizer.info.remote(), timeout=600)
@@ -589,6 +602,7 @@ class Ingress:
                        "max_pixels": cfg.max_pixels, "max_fps_in": cfg.max_fps_in,
                        "api_requests_per_s": cfg.api_requests_per_s, "idle_timeout_s": cfg.idle_timeout_s},
             "auth": bool(cfg.auth_token), "replica": self.replica, "recognizer_replica": self.meta.get("replica"),
+            "data_plane": serve_data_plane(),
         }
 
     @api.get("/v1/budget", tags=["budget"], summary="The server-wide default budget")
