@@ -17,6 +17,7 @@ Budgets are given as
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +48,15 @@ class ExitChoice:
     """Test accuracy training measured with them."""
 
     def policy(self, window_frames: int) -> ExitPolicy:
-        """The exit rule for windows of ``window_frames`` frames.
+        """The exit rule for windows of ``window_frames`` frames (shared, built once per choice and
+        window length: streams ask for it at every step).
 
         Shorter windows use the first thresholds; longer ones repeat the last solved (non-final) one.
         The final step always exits (ExitPolicy sets it), so a window never outlives its frames.
         """
+        return _exit_policy(self, window_frames)
+
+    def _build_policy(self, window_frames: int) -> ExitPolicy:
         thr = list(self.thresholds)
         if window_frames <= len(thr):
             thr = thr[:window_frames]
@@ -63,6 +68,11 @@ class ExitChoice:
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "criterion": self.criterion, "gflops": self.gflops,
                 "accuracy": self.accuracy, "thresholds": [_json_float(v) for v in self.thresholds]}
+
+
+@functools.lru_cache(maxsize=256)
+def _exit_policy(choice: ExitChoice, window_frames: int) -> ExitPolicy:
+    return choice._build_policy(window_frames)
 
 
 def _json_float(v: float) -> float | str:
