@@ -98,8 +98,9 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def serve_cpu_seconds() -> float:
     """CPU seconds used so far by the processes that do per-stream work: Serve's HTTP proxy (the Python
-    ProxyActor, and HAProxy where ``high_throughput`` runs it) and the app's replicas (ingress and recognizer). CPU time is what a stream costs whatever else runs on the machine,
-    so it measures capacity robustly where wall-clock limits are noisy."""
+    ProxyActor, and HAProxy where ``high_throughput`` runs it) and the app's replicas (ingress and
+    recognizer). CPU time is what a stream costs whatever else runs on the machine, so it measures
+    capacity robustly where wall-clock limits are noisy."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

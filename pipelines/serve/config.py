@@ -77,7 +77,7 @@ class ServeConfig:
     """Run the model inside the ingress replica instead of a separate Recognizer deployment: one hop
     less per frame (lower latency, less CPU) on a single CPU machine, but the model no longer scales
     (or moves to GPUs) on its own, and an ingress failure takes the model with it."""
-    high_throughput: str = "auto"
+    high_throughput: str | bool = "auto"
     """Ray Serve's high-throughput data plane (Ray >= 2.55): HAProxy instead of the Python HTTP proxy,
     handing each WebSocket straight to the ingress replica's own HTTP server (no actor call per message),
     and gRPC between deployments (``RAY_SERVE_ENABLE_HA_PROXY=1``, ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``).
