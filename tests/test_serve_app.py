@@ -962,3 +962,46 @@ def test_cli_clients(server, registered, shared_video_paths, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "predict.py"), str(bad), "--model",
                            registered["model_uri"]], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1 and "cannot use" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_tokenless_loopback_server_runs_on_serves_python_proxy(registered, shared_video_paths, tmp_path):
+    """`python -m pipelines.serve` with no token (the laptop case): its own Ray, loopback only, and
+    Serve's Python proxy with actor-call handles (high_throughput=auto stays off without a token,
+    because Ray's HAProxy mode would expose the replica's port on all interfaces). The rest of this
+    file covers the HAProxy + gRPC data plane that a server with a token runs."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_SERVE_") and k not in ("ADASTREAM_TOKEN", "RAY_ADDRESS")}
+    env.update(MLFLOW_TRACKING_URI=registered["tracking_uri"], PYTHONUNBUFFERED="1")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", f"port={port}",
+                               f"model_uri={registered['model_uri']}", f"window_seconds={WINDOW_S}"],
+                              cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(url + "/v1/info", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1.0)
+        info = requests.get(url + "/v1/info", timeout=10).json()
+        assert info["auth"] is False
+        assert info["data_plane"] == {"http": "python_proxy", "handles": "ray_actor_calls"}
+        short = next(p for p in shared_video_paths if p.name == "short_32frames.mp4")
+        done = subprocess.run([sys.executable, str(REPO / "pipelines" / "stream_client.py"), str(short),
+                               "--server", url, "--stream-id", "laptop", "--speed", "4"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "[laptop w0 step 1" in done.stdout and "GFLOPs" in done.stdout
+    finally:
+        server.send_signal(2)  # SIGINT: the CLI deletes its app and its Ray shuts down with it
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
