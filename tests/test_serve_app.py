@@ -978,17 +978,16 @@ def test_tokenless_loopback_server_runs_on_serves_python_proxy(registered, share
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", f"port={port}",
                                f"model_uri={registered['model_uri']}", f"window_seconds={WINDOW_S}"],
                               cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            return requests.get(url + "/v1/info", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                if requests.get(url + "/v1/info", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(1.0)
+        _wait(up, 240, "the tokenless server to come up")
         info = requests.get(url + "/v1/info", timeout=10).json()
         assert info["auth"] is False
         assert info["data_plane"] == {"http": "python_proxy", "handles": "ray_actor_calls"}
