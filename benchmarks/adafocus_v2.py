@@ -13,8 +13,9 @@ Trains the tiny configuration of :mod:`adaptive` on the real generated videos
    diversity augmentation, stop-gradient, coarse-to-fine frame order);
 3. the AdaFocusV2+ curve -- accuracy vs GFLOPs/video across budgets (thresholds
    solved on the validation split, Eq. 12, evaluated on the test split) next to
-   the full-frame model, with 64x64 patches on 112x112 frames (0.57 of the side,
-   the paper's 128 on 224) and the cost of the 96- and 160-on-224 equivalents.
+   the full-frame model, with the tiny preset's 48x48 patches on 112x112 frames
+   (0.43 of the side, the paper's 96 on 224) and the cost of the 128- and
+   160-on-224 equivalents.
    That model's policy is taught by the full-frame reference, as in the training
    job (our extension, ``AdaFocusV2.set_policy_teacher``); ``--no-policy-teacher``
    trains it the paper's way.  Table 7 shows both.

@@ -472,7 +472,7 @@ def test_registry_and_configs():
     with pytest.raises(ValueError):
         config_from_dict(AdaFocusV2Config, {"patch": 3})
     tiny = AdaFocusV2Config.tiny()
-    assert abs(tiny.patch_fraction - 128 / 224) < 0.01
+    assert abs(tiny.patch_fraction - 96 / 224) < 0.01
     paper = AdaFocusV2Config.paper()
     assert (paper.input_size, paper.glance_size, paper.patch_size, paper.policy_hidden_size) == (224, 96, 128, 2048)
     groups = {g["name"]: g["lr"] for g in AdaFocusV2(micro_config(lr_policy=1e-3)).param_groups()}
