@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="blocks per contender")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per block")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs per block (default 4: each of the job's Ray Train runs, the full-frame "
+                             "reference's and the model's, is 4 or more epochs and pays the input start-up once)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
