@@ -234,6 +234,8 @@ class Trial:
     sampled: int
     dropped: int
     steps: int
+    """Steps of the windows that ended during the measurement (``windows``), so steps / windows is the
+    frames per window."""
     windows: int
     exits: int
     schedule_lag_s: float
@@ -345,9 +347,13 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                     and measure_from is not None and e["time"] >= measure_from]
         server_lat += [e["latency_ms"] for e in measured]
         client_lat += s.client_latency[-len(measured):] if measured else []
-        steps += len(measured)
-        windows += sum(1 for e in measured if e["final"])
-        exits += sum(1 for e in measured if e["exited"])
+        # The windows that ended in the interval (cut short by their duration too, but not by the end of
+        # the stream) and the steps they took: a window's final result says how many (step + 1).
+        done = [e for e in s.events if e.get("type") == "prediction" and e.get("final") and e.get("reason") != "end"
+                and measure_from is not None and e["time"] >= measure_from]
+        windows += len(done)
+        steps += sum(e["step"] + 1 for e in done)
+        exits += sum(1 for e in done if e["exited"])
         ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
         if ended:
             sampled += ended["counters"]["frames_sampled"]
@@ -503,8 +509,10 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         ca, cb = a["counters"], b["counters"]
         sampled += cb["frames_sampled"] - ca["frames_sampled"]
         dropped += cb["frames_dropped"] - ca["frames_dropped"]
-        steps += cb["steps"] - ca["steps"]
-        windows += cb["windows"] - ca["windows"]
+        # Windows that ended in the interval and their steps: begun-window counts would miscount the
+        # windows that straddle its ends (with 2 s windows and 5 s trials, by up to a third).
+        steps += cb["steps_done"] - ca["steps_done"]
+        windows += cb["windows_done"] - ca["windows_done"]
         exits += cb["exits"] - ca["exits"]
         fps.append((cb["frames_received"] - ca["frames_received"]) / args.duration)
         if b["latency_ms"]["p50"] is not None:

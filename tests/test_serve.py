@@ -298,6 +298,15 @@ def test_high_throughput_mode_only_with_a_token(monkeypatch):
         ServeConfig(high_throughput="fast").resolved()
     overridden = load_serve_config(None, ["high_throughput=false", "auth_token=t"]).resolved()
     assert not overridden.wants_high_throughput  # YAML's false (a bool) works as well as "false"
+    # An ingress that finds itself behind HAProxy (a Ray someone else started in that mode) without a
+    # token refuses to start; behind Serve's Python proxy, or with a token, it starts.
+    from pipelines.serve.ingress import check_exposure
+
+    haproxy = {"http": "haproxy", "handles": "grpc"}
+    with pytest.raises(ConfigError, match="all interfaces"):
+        check_exposure(ServeConfig(), haproxy)
+    check_exposure(ServeConfig(auth_token="t"), haproxy)
+    check_exposure(ServeConfig(), {"http": "python_proxy", "handles": "ray_actor_calls"})
 
 
 # ----------------------------------------------------------------------------------------- resumption

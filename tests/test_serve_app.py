@@ -372,6 +372,9 @@ def test_shared_videos_pushed_over_websocket(server, shared_video_paths):
         assert all(e["pts"] is not None for e in result.predictions)
         ended = result.events[-1]["counters"]
         assert ended["gflops_saved"] == pytest.approx(len(exits) * step, rel=1e-3)
+        # Completed-window counters match the final results the client got (frames per window = their ratio).
+        assert ended["windows_done"] == len(windows) and ended["exits"] == len(exits)
+        assert ended["steps_done"] == sum(e["step"] + 1 for e in windows) == ended["steps"]
         # After an exit the server says from which timestamp on it needs frames again (the next window):
         # an image client leaves the frames before it out; MPEG-TS chunks cannot be thinned.
         assert all(e["next_pts"] >= e["pts"] + 1.5 * WINDOW_S / T for e in exits), [(e["pts"], e["next_pts"]) for e in exits]

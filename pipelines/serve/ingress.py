@@ -143,6 +143,14 @@ def serve_data_plane() -> dict[str, str]:
             "handles": "grpc" if getattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False) else "ray_actor_calls"}
 
 
+def check_exposure(config: ServeConfig, data_plane: dict[str, str]) -> None:
+    """Refuse to serve without a token behind Ray's HAProxy: that mode serves the ingress replica on
+    all interfaces, whatever ``config.host`` says (a Ray started by someone else may run it)."""
+    if data_plane["http"] == "haproxy" and not config.auth_token:
+        raise ConfigError("this Ray runs Serve with HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1), which exposes the "
+                          "ingress replica's HTTP port on all interfaces: set auth_token or $ADASTREAM_TOKEN")
+
+
 def _close_reason(text: str) -> str:
     # A close frame's reason is at most 123 bytes.
     data = text.encode()[:120]
@@ -260,10 +268,7 @@ class Ingress:
         self.recognizer = recognizer
         self.directory = directory
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
-        if serve_data_plane()["http"] == "haproxy" and not config.auth_token:
-            # Ray's HAProxy mode serves this replica on all interfaces, whatever `host` says.
-            raise ConfigError("this Ray runs Serve with HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1), which exposes the "
-                              "ingress replica's HTTP port on all interfaces: set auth_token or $ADASTREAM_TOKEN")
+        check_exposure(config, serve_data_plane())
         self.loop = asyncio.get_running_loop()
         if recognizer is not None:
             self.meta = await asyncio.wait_for(recognizer.info.remote(), timeout=600)

@@ -99,6 +99,12 @@ class Counters:
     frames_sampled: int = 0
     steps: int = 0
     windows: int = 0
+    """Windows begun (their first frame stepped)."""
+    windows_done: int = 0
+    """Windows that published their final result (exit, all T frames, or cut short); with
+    ``steps_done``, the steps those windows took, a rate over an interval gives frames per window
+    without counting windows that straddle the interval's ends."""
+    steps_done: int = 0
     exits: int = 0
     restarts: int = 0
     retries: int = 0
@@ -117,7 +123,8 @@ class Counters:
 
     def to_dict(self) -> dict[str, Any]:
         return {"frames_received": self.frames_received, "frames_sampled": self.frames_sampled,
-                "steps": self.steps, "windows": self.windows, "exits": self.exits, "restarts": self.restarts,
+                "steps": self.steps, "windows": self.windows, "windows_done": self.windows_done,
+                "steps_done": self.steps_done, "exits": self.exits, "restarts": self.restarts,
                 "retries": self.retries, "errors": self.errors, "skipped_after_exit": self.skipped_after_exit,
                 "frames_dropped": self.frames_dropped, "dropped": dict(self.dropped),
                 "gflops_spent": round(self.gflops_spent, 6), "gflops_saved": round(self.gflops_saved, 6)}
@@ -439,10 +446,15 @@ class StreamSession:
             self.window_final = True
             return
         self.window_final = True
+        self._count_done()
         final = dict(self.last_prediction, final=True, exited=False, reason=reason, latency_ms=None, timing_ms=None)
         event = self.events.publish("prediction", **final)
         self.last_final = {"seq": event.seq, "fields": final}
         self.hub.changed(self)
+
+    def _count_done(self) -> None:
+        self.counters.windows_done += 1
+        self.counters.steps_done += self.window_steps
 
     def _after_step(self, item: Pending, result: StepResult) -> None:
         now = time.monotonic()
@@ -462,6 +474,7 @@ class StreamSession:
         reason = ("exit" if exited else "frames") if final else None
         if final:
             self.window_final = True
+            self._count_done()
             self.windower.close(item.window)
             if exited:
                 self.counters.exits += 1
