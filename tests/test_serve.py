@@ -376,3 +376,80 @@ def test_a_reconnecting_client_resumes_where_it_was_and_is_told_about_restarts()
     url = ws_url(ClientOptions(server="http://h:1", token="t"), "cam", after=23, window=2, open_window=3,
                  open_steps=2)
     assert url == "ws://h:1/v1/streams/cam/ws?token=t&after=23&window=2&open_window=3&open_steps=2"
+
+
+# ----------------------------------------------------------------------------------------- source readers
+class _SteppingHub(_FakeHub):
+    """A hub whose 'model' answers every frame at once with the same logits."""
+
+    async def step(self, request):  # noqa: ANN001, ANN201
+        from pipelines.serve.engine import StepResult
+
+        return StepResult(logits=np.array([2.0, 0.0, 0.0, 0.0], np.float32), state={}, macs=1e7,
+                          box=[0.0, 0.0, 1.0, 1.0])
+
+
+def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_model_sees():
+    """FrameGate: a reader thread hands the event loop only the frames the windows may use (one
+    frame a second whatever, as a heartbeat); the model sees the same frames, in the same windows and
+    slots, and every frame is still counted -- without and with early exit."""
+    import json
+
+    from pipelines.serve.stream import PULL, FrameGate, StreamSession, parse_settings
+
+    async def serve(gated: bool, budget: str) -> tuple[list, dict, int]:
+        hub = _SteppingHub()
+        settings = parse_settings(hub.config, 4, window_seconds=1.0, budget=budget)
+        session = StreamSession(hub, "cam", PULL, settings)
+        gate, offered = FrameGate(session), 0
+        for i in range(150):  # 6 s of a 25 fps source whose clock starts at 7 s
+            media = 7.0 + i / 25
+            passed = gate.check(media, now=i / 25) if gated else (0, None)
+            if passed is None:
+                continue
+            offered += 1
+            session.offer(lambda: np.zeros((8, 8, 3), np.uint8), media_time=media, skipped=passed[0],
+                          previous_media=passed[1])
+            await session.drain(5)
+        session.counters.frames_received += gate.flush()
+        events = [json.loads(e.data) for e in session.events.ring]
+        await session.close("test")
+        steps = [(e["window"], e["step"], e["pts"], e["exited"]) for e in events if e["type"] == "prediction"]
+        return steps, session.counters.to_dict(), offered
+
+    for budget, steps_per_window in (("full", 4), ("auto", 3)):  # auto exits at the third frame
+        everything, all_counters, _ = asyncio.run(serve(False, budget))
+        thinned, counters, offered = asyncio.run(serve(True, budget))
+        assert thinned == everything
+        assert len(everything) == 6 * steps_per_window
+        assert counters["frames_received"] == all_counters["frames_received"] == 150
+        assert counters["frames_sampled"] == all_counters["frames_sampled"]
+        # ~4 (or 3) frames a second offered instead of 25, plus the heartbeat
+        assert offered <= 6 * (steps_per_window + 2), offered
+    assert [s[3] for s in everything[:3]] == [False, False, True]
+
+    # Frames at or before the last one offered go through (a timestamp reset is the clock's to judge),
+    # as do frames without a timestamp.
+    class _Session:
+        skip_hint = (10.0, 10.5)
+
+    gate = FrameGate(_Session())  # type: ignore[arg-type]
+    assert gate.check(10.2, now=0.0) == (0, None)  # the first frame is the heartbeat
+    assert gate.check(10.24, now=0.04) is None and gate.check(10.28, now=0.08) is None
+    assert gate.check(3.0, now=0.12) == (2, 10.28)  # went backwards: through, with the count
+    assert gate.check(None, now=0.16) == (0, None)
+    assert gate.check(10.3, now=0.2) is None
+    assert gate.check(10.5, now=0.24) == (1, 10.3)  # wanted from here on
+    assert gate.check(10.3, now=0.28) is None and gate.flush() == 1
+
+
+def test_rate_meter_counts_events_reported_in_bulk():
+    from pipelines.serve.stream import RateMeter
+
+    one_by_one, in_bulk = RateMeter(horizon=2.0), RateMeter(horizon=2.0)
+    for i in range(26):
+        one_by_one.tick(i / 25)
+        if i % 5 == 0:
+            in_bulk.tick(i / 25, 5 if i else 1)  # every fifth frame, with the four before it
+    assert one_by_one.rate(1.0) == pytest.approx(25.0)
+    assert in_bulk.rate(1.0) == pytest.approx(25.0)

@@ -56,7 +56,7 @@ from pipelines.serve.engine import StepRequest, StepResult
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
 from pipelines.serve.sources import ChunkPipe, SourceFrame, SourceOptions, SourceReader, open_pipe, open_url
-from pipelines.serve.stream import PULL, PUSH, StreamSession, TokenBucket, parse_settings
+from pipelines.serve.stream import PULL, PUSH, FrameGate, StreamSession, TokenBucket, parse_settings
 
 logger = logging.getLogger("ray.serve")
 
@@ -398,25 +398,36 @@ class Ingress:
         except ValueError as error:
             raise StreamError(422, CLOSE_BAD_REQUEST, str(error)) from None
 
-    def _on_source_frame(self, session: StreamSession, transform: FrameTransform, frame: SourceFrame) -> bool:
-        """Called in a reader thread for every decoded frame; schedules it onto the event loop."""
+    def _on_source_frame(self, session: StreamSession, transform: FrameTransform, gate: FrameGate,
+                         frame: SourceFrame) -> bool:
+        """Called in a reader thread for every decoded frame; schedules the ones the stream may use onto
+        the event loop (the gate counts the others there, in the thread)."""
         if session.closed:
             return True
-        if session.settings.drop_policy == "block" and not session.has_room():
-            return False
         received = time.monotonic()
-        self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received)
+        passed = gate.check(frame.media_time, received)
+        if passed is None:
+            return True
+        if session.settings.drop_policy == "block" and not session.has_room():
+            gate.skipped += passed[0]  # not handed over yet: reported with the next attempt
+            gate.last_media = passed[1]
+            return False
+        self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received, *passed)
         return True
 
     @staticmethod
     def _offer_decoded(session: StreamSession, transform: FrameTransform, frame: SourceFrame,
-                       received: float) -> None:
-        session.offer(partial(transform, frame.frame), media_time=frame.media_time, received=received)
+                       received: float, skipped: int, previous_media: float | None) -> None:
+        session.offer(partial(transform, frame.frame), media_time=frame.media_time, received=received,
+                      skipped=skipped, previous_media=previous_media)
 
-    def _on_source_status(self, session: StreamSession, status: str, message: str, attempt: int) -> None:
-        self.loop.call_soon_threadsafe(self._source_status, session, status, message, attempt)
+    def _on_source_status(self, session: StreamSession, gate: FrameGate, status: str, message: str,
+                          attempt: int) -> None:
+        self.loop.call_soon_threadsafe(self._source_status, session, status, message, attempt, gate.flush())
 
-    def _source_status(self, session: StreamSession, status: str, message: str, attempt: int) -> None:
+    def _source_status(self, session: StreamSession, status: str, message: str, attempt: int,
+                       skipped: int = 0) -> None:
+        session.counters.frames_received += skipped
         if session.closed:
             return
         session.events.publish("source", status=status, message=message, attempt=attempt)
@@ -444,8 +455,9 @@ class Ingress:
 
     def _start_reader(self, session: StreamSession, options: SourceOptions) -> None:
         transform = FrameTransform(self.preprocess)
-        reader = SourceReader(open_url(options), partial(self._on_source_frame, session, transform),
-                              partial(self._on_source_status, session), name=session.id, live=options.is_live,
+        gate = FrameGate(session)
+        reader = SourceReader(open_url(options), partial(self._on_source_frame, session, transform, gate),
+                              partial(self._on_source_status, session, gate), name=session.id, live=options.is_live,
                               follow_clock=options.follows_clock, loop=options.loop,
                               max_pixels=self.config.max_pixels,
                               reconnect_initial_s=options.reconnect_initial_s,
@@ -951,8 +963,9 @@ class Ingress:
             channel.pipe = ChunkPipe()
             transform = FrameTransform(self.preprocess)
             pipe = channel.pipe
-            channel.reader = SourceReader(open_pipe(pipe), partial(self._on_source_frame, session, transform),
-                                          partial(self._on_source_status, session), name=f"{session.id}-ts",
+            gate = FrameGate(session)
+            channel.reader = SourceReader(open_pipe(pipe), partial(self._on_source_frame, session, transform, gate),
+                                          partial(self._on_source_status, session, gate), name=f"{session.id}-ts",
                                           live=True, follow_clock=False, max_pixels=self.config.max_pixels,
                                           reconnect_initial_s=0.0, reconnect_max_s=0.0, reconnect_attempts=20,
                                           exhausted=lambda: pipe.exhausted)

@@ -232,7 +232,10 @@ class SourceReader(threading.Thread):
             if not container.streams.video:
                 raise SourceError("the source has no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # Live: slice threads only. Frame threading (FFmpeg's choice under AUTO) holds every frame
+            # back by one frame per thread -- latency a live stream pays -- and costs more CPU per
+            # frame; a server decoding many streams is parallel across them anyway.
+            stream.thread_type = "SLICE" if self.live else "AUTO"
             ctx = stream.codec_context
             if ctx.width and ctx.height and ctx.width * ctx.height > self.max_pixels:
                 raise SourceError(f"resolution {ctx.width}x{ctx.height} exceeds the limit of {self.max_pixels} pixels")

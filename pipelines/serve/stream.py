@@ -7,7 +7,9 @@ drop policy applies beyond it) for the stream's single worker task, which conver
 with the stream's state to the recognizer (``hub.step``: batched with other streams' frames there),
 keeps the returned state, applies the exit rule for the stream's current budget and publishes a
 ``prediction`` event. Once the rule fires, the window is closed: none of its remaining frames is
-decoded or stepped -- that is the compute early exit saves -- until the next window starts fresh.
+converted or stepped -- that is the compute early exit saves -- until the next window starts fresh.
+(Pushed images are not even decoded; video frames are, by the source's reader thread, whose
+:class:`FrameGate` drops the ones the windows will not use before they reach the event loop.)
 
 One worker per stream means at most one frame of a stream is in flight: the state of step t+1 needs
 step t's, and it is what lets the recognizer batch streams without ever mixing two frames of one.
@@ -135,21 +137,26 @@ class RateMeter:
 
     def __init__(self, horizon: float = 2.0) -> None:
         self.horizon = horizon
-        self.times: deque[float] = deque()
+        self.ticks: deque[tuple[float, int]] = deque()  # (time, events counted at that time)
+        self.total = 0  # events in ``ticks``
 
-    def tick(self, now: float) -> None:
-        self.times.append(now)
+    def tick(self, now: float, count: int = 1) -> None:
+        """``count`` events up to ``now`` (more than one: events counted in bulk, e.g. frames a source
+        reader skipped since its last report)."""
+        self.ticks.append((now, count))
+        self.total += count
         self._trim(now)
 
     def _trim(self, now: float) -> None:
-        while self.times and self.times[0] < now - self.horizon:
-            self.times.popleft()
+        while self.ticks and self.ticks[0][0] < now - self.horizon:
+            self.total -= self.ticks.popleft()[1]
 
     def rate(self, now: float | None = None) -> float:
         self._trim(time.monotonic() if now is None else now)
-        if len(self.times) < 2:
+        if len(self.ticks) < 2:
             return 0.0
-        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-6)
+        # The first tick's events happened before the span measured from it.
+        return (self.total - self.ticks[0][1]) / max(self.ticks[-1][0] - self.ticks[0][0], 1e-6)
 
 
 class TokenBucket:
@@ -227,6 +234,10 @@ class StreamSession:
         self.connected = False  # a push client is attached (or a pull source is being read)
         self.closed = False
         self.frame_offset = 0  # frame indices continue across an ingress restart
+        # (media time of the last frame offered, media time from which frames are wanted): read by
+        # source reader threads (FrameGate) without a lock -- the tuple is replaced, never mutated.
+        self.skip_hint: tuple[float, float] | None = None
+        self._last_media: float | None = None
 
         self._override: ExitChoice | None = None
         if settings.budget is not None:
@@ -308,19 +319,28 @@ class StreamSession:
         return self.arrival_clock(time.monotonic())
 
     def offer(self, produce: Callable[[], np.ndarray], media_time: float | None = None,
-              received: float | None = None) -> bool:
-        """A frame arrived; returns True if the model will see it (it was admitted and queued)."""
+              received: float | None = None, *, skipped: int = 0, previous_media: float | None = None) -> bool:
+        """A frame arrived; returns True if the model will see it (it was admitted and queued).
+
+        ``skipped``: frames a source reader left out just before this one (:class:`FrameGate`), counted
+        here; ``previous_media``: the media time of the frame just before this one, if it was left out."""
         now = time.monotonic()
         received = now if received is None else received
+        self.counters.frames_received += skipped
         index = self.frame_offset + self.counters.frames_received
         self.counters.frames_received += 1
         self.last_activity = now
-        self.fps_in.tick(now)
+        self.fps_in.tick(now, 1 + skipped)
         if self.closed:
             return False
         t = self.stream_time(media_time, index)
         self.timestamped = media_time is not None
-        admission = self.windower.admit(t)
+        previous = None
+        if previous_media is not None and media_time is not None and media_time > previous_media:
+            previous = t - (media_time - previous_media)
+        admission = self.windower.admit(t, previous)
+        self._last_media = media_time
+        self._refresh_skip_hint()
         if admission is None:
             return False
         self.counters.frames_sampled += 1
@@ -400,6 +420,7 @@ class StreamSession:
                                         f"starts fresh")
             self.window_final = True
             self.windower.close(self.window)
+            self._refresh_skip_hint()
             self.hub.changed(self)
             return
         # Where a frame's latency went: waiting for the stream's worker, decode + transform, the step
@@ -476,6 +497,7 @@ class StreamSession:
             self.window_final = True
             self._count_done()
             self.windower.close(item.window)
+            self._refresh_skip_hint()
             if exited:
                 self.counters.exits += 1
                 saved = (frames - self.window_steps) * self.hub.step_macs / 1e9
@@ -514,6 +536,12 @@ class StreamSession:
         if t is None or offset is None or not self.timestamped:
             return None  # stream time from arrival or frame counts: a client could not match it
         return round(t - offset, 4)
+
+    def _refresh_skip_hint(self) -> None:
+        """Tell this stream's source reader which frames it may leave out (:class:`FrameGate`)."""
+        wanted = self.next_wanted_pts()
+        last = self._last_media
+        self.skip_hint = None if wanted is None or last is None else (last, wanted)
 
     # ------------------------------------------------------------------ lifecycle
     def set_status(self, status: str, message: str = "") -> None:
@@ -583,6 +611,52 @@ class StreamSession:
                 "closed": self.closed, "last_final": self.last_final}
 
 
+class FrameGate:
+    """Lets a source reader thread leave out the frames its stream will not use, without a trip to the
+    event loop for each one.
+
+    At 25 fps and 8 frames per 2 s window the model uses 4 frames a second -- after an early exit none
+    until the next window -- yet a decoder hands over all 25 (H.264 frames depend on each other, so
+    every one is decoded). Handing each to the event loop, only for the window logic to count and
+    drop it, cost more CPU per stream than the decoding itself. The session publishes ``skip_hint``
+    after every frame offered and every exit: (the media time of the last frame it was offered, the
+    media time from which it wants frames again -- its ``next_pts``). Frames strictly between the two
+    are counted here and reported with the next frame that goes through, with the timestamp of the
+    frame just before it (the windower estimates the source's frame interval from it).
+
+    Always go through: frames without a timestamp, frames at or before the last one offered (a
+    timestamp reset or a discontinuity: the session's clock sorts them out), and one frame a second
+    whatever the hint (the stream's counters, fps and idle timer stay current). A hint a few frames
+    stale only lets more through. Used by one reader thread only.
+    """
+
+    HEARTBEAT_S = 1.0
+
+    def __init__(self, session: "StreamSession") -> None:
+        self.session = session
+        self.skipped = 0
+        self.last_media: float | None = None  # the last frame seen, left out or not
+        self.passed_at = -math.inf
+
+    def check(self, media_time: float | None, now: float) -> tuple[int, float | None] | None:
+        """None: leave this frame out (it is counted). Otherwise (frames left out since the last one
+        that went through, the media time of the frame just before this one if it was left out)."""
+        hint = self.session.skip_hint
+        before, self.last_media = self.last_media, media_time
+        if (hint is not None and media_time is not None and hint[0] < media_time < hint[1]
+                and now - self.passed_at < self.HEARTBEAT_S):
+            self.skipped += 1
+            return None
+        self.passed_at = now
+        skipped, self.skipped = self.skipped, 0
+        return skipped, (before if skipped else None)
+
+    def flush(self) -> int:
+        """Frames left out and not reported yet (when the source ends or reconnects)."""
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 def _as_tensor(logits: np.ndarray) -> Any:
     import torch
 
@@ -615,5 +689,5 @@ def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int |
                           drop_policy=drop_policy, queue_frames=config.queue_frames, fps=fps)
 
 
-__all__ = ["StreamSession", "StreamSettings", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
+__all__ = ["StreamSession", "StreamSettings", "FrameGate", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
            "TokenBucket", "RateMeter"]

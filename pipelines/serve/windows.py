@@ -79,14 +79,18 @@ class Windower:
         self.next_due = t
         self.closed = False
 
-    def admit(self, t: float) -> Admission | None:
+    def admit(self, t: float, previous: float | None = None) -> Admission | None:
+        """``previous``: stream time of the source's frame just before this one, when that frame was
+        not offered (a source reader that leaves out the frames before ``wanted_from`` itself): it
+        keeps the estimate of the source's frame interval, which decides how early a frame may be."""
         spec = self.spec
         if spec.seconds <= 0:
             return self._admit_by_count(t)
-        if self.last_t is not None and t > self.last_t and t - self.last_t < 0.5 * spec.interval:
+        last = self.last_t if previous is None else previous
+        if last is not None and t > last and t - last < 0.5 * spec.interval:
             # Only gaps well inside a slot interval say how often the source has frames: longer ones
             # are frames a client left out (it sends from ``wanted_from`` on) or a stalled source.
-            gap = t - self.last_t
+            gap = t - last
             self.frame_gap = gap if self.frame_gap == 0 else 0.9 * self.frame_gap + 0.1 * gap
         self.last_t = t
         if not self.started:
