@@ -255,7 +255,11 @@ class Trial:
 
 async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
                     warmup: float, duration: float, limits: dict[str, float], tag: str,
-                    send_all: bool = False) -> Trial:
+                    send_all: bool = False, stagger_s: float = 0.0) -> Trial:
+    """``n`` pushed streams. Like independent cameras, stream j shows the content from its own point
+    (j / n of the way through) and starts ``j / n`` of ``stagger_s`` (one sampling interval) after the
+    first, so the streams' sampled frames do not all arrive at the same instant: in lock-step, every
+    slot would be a burst of n frames and the latency would measure the burst, not the load."""
     import websockets
 
     ws_base = base_url.replace("http://", "ws://")
@@ -296,6 +300,8 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
     total = warmup + duration
     ticks = int(total * fps)
     interval = 1.0 / fps
+    starts = [int(j * stagger_s * fps) // n for j in range(n)]
+    offsets = [(j * len(frames)) // n for j in range(n)]
     started = time.monotonic()
     lag = 0.0
     measure_from = None
@@ -309,9 +315,12 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         if measure_from is None and tick * interval >= warmup:
             measure_from = time.time()
             cpu_from = serve_cpu_seconds()
-        pts, jpeg = frames[tick % len(frames)]
-        pts = tick * interval
         for j, (ws, _) in enumerate(connections):
+            local = tick - starts[j]
+            if local < 0:
+                continue
+            pts = local * interval
+            jpeg = frames[(local + offsets[j]) % len(frames)][1]
             if not send_all and stats[j].wanted_pts is not None and pts < stats[j].wanted_pts:
                 continue  # as pipelines/stream_client.py does: the server would drop it unseen
             stats[j].sent_at[round(pts, 4)] = time.monotonic()
@@ -549,7 +558,8 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
             trial = await run_pull_trial(base_url, n, budget, media["ts"], args, tag)
         else:
             trial = await run_trial(base_url, n, budget, media["jpeg"], args.fps, args.warmup, args.duration,
-                                    limits_of(args), tag=tag, send_all=args.push_send_all)
+                                    limits_of(args), tag=tag, send_all=args.push_send_all,
+                                    stagger_s=args.sampling_interval)
         trial.transport = transport
         trials.append(trial)
         log("  " + trial.row())
@@ -638,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"serve_load: cannot load {args.model} from {tracking} ({error}); run `make demo` first")
         return 2
     T = loaded.num_frames
+    args.sampling_interval = args.window_seconds / T
     if args.max_p50_ms is None:
         args.max_p50_ms = 1e3 * args.window_seconds / T
     choice = ExitCatalog.from_exits(loaded.exits, T).resolve(args.budget)
