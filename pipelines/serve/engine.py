@@ -112,9 +112,10 @@ class StepEngine:
         boxes = boxes.float().to("cpu").numpy() if boxes is not None else np.full((len(batch), 4), np.nan)
         new_states = state_to_arrays(out.state)
         compute_ms = round((time.perf_counter() - started) * 1e3, 3)
+        began = time.time() - compute_ms / 1e3
         return [StepResult(logits=logits[i].copy(), state=new_states[i], macs=float(macs[i]),
                            box=[round(float(v), 4) for v in boxes[i]], batch_size=len(batch), replica=self.replica,
-                           extra={"compute_ms": compute_ms})
+                           extra={"compute_ms": compute_ms, "began": began})
                 for i in range(len(batch))]
 
     def _state_tensors(self, state: StateArrays | None) -> dict[str, torch.Tensor]:
