@@ -133,6 +133,17 @@ def test_budgets_resolve_to_stored_thresholds():
         catalog.resolve("lots")
     assert ExitCatalog.from_exits({}, 4).resolve("auto").budget == "full"  # no curve: serve without exits
 
+    # With the held-out accuracy stored, budgets are resolved by it, never by the test accuracy (which
+    # stays what is reported): here the test split favours the 0.03 point, the held-out split does not.
+    exits = _exits()
+    for entry, heldout in zip(exits["curve"], (0.52, 0.66, 0.74)):
+        entry["val_accuracy"] = heldout
+    catalog = ExitCatalog.from_exits(exits, num_frames=4, tolerance=0.01)
+    auto = catalog.resolve("auto")
+    assert (auto.gflops, auto.heldout_accuracy, auto.accuracy) == (0.04, 0.74, 0.705)
+    assert catalog.resolve(0.035).gflops == 0.03  # the most accurate one within 0.035 GFLOPs
+    assert ExitCatalog.from_exits(exits, num_frames=4, tolerance=0.1).resolve("auto").gflops == 0.03
+
 
 def test_exit_policy_for_window_lengths():
     choice = ExitCatalog.from_exits(_exits(), num_frames=4).resolve(0.03)

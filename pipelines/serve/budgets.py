@@ -13,6 +13,11 @@ Budgets are given as
 * ``full``: no early exit (every window sees all its frames: AdaFocusV2 without the "+");
 * ``min``: the cheapest stored thresholds;
 * ``auto``: the cheapest thresholds within ``tolerance`` of the best stored accuracy (the knee).
+
+"Accurate" means on the held-out split, where the thresholds were solved: choosing among them by
+test accuracy would tune on the test split, and the test accuracy reported for the choice would no
+longer be an unbiased estimate. Models registered before the held-out accuracy was stored with the
+curve fall back to the test accuracy.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class ExitChoice:
     """Held-out GFLOPs per window with these thresholds (None for ``full``: every frame)."""
     accuracy: float | None = None
     """Test accuracy training measured with them."""
+    heldout_accuracy: float | None = None
+    """Held-out accuracy (the split they were solved on): what budgets are resolved by."""
 
     def policy(self, window_frames: int) -> ExitPolicy:
         """The exit rule for windows of ``window_frames`` frames (shared, built once per choice and
@@ -67,7 +74,8 @@ class ExitChoice:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "criterion": self.criterion, "gflops": self.gflops,
-                "accuracy": self.accuracy, "thresholds": [_json_float(v) for v in self.thresholds]}
+                "accuracy": self.accuracy, "heldout_accuracy": self.heldout_accuracy,
+                "thresholds": [_json_float(v) for v in self.thresholds]}
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,7 +107,8 @@ class ExitCatalog:
                 points.append(_point(entry["thresholds"], entry.get("budget_gflops", entry.get("test_gflops")),
                                      entry))
         points = [p for p in points if len(p.thresholds) >= 1]
-        points.sort(key=lambda p: (p.gflops if p.gflops is not None else math.inf, -(p.accuracy or 0.0)))
+        points.sort(key=lambda p: (p.gflops if p.gflops is not None else math.inf,
+                                   -(p.heldout_accuracy or p.accuracy or 0.0)))
         return cls(num_frames=num_frames, points=points, tolerance=tolerance)
 
     @property
@@ -121,9 +130,10 @@ class ExitCatalog:
             raise BudgetError("this model was registered without early-exit thresholds; only 'full' is available")
         if text == "min":
             return _named(self.points[0], "min")
+        score = self._selection_accuracy()
         if text == "auto":
-            best = max(p.accuracy or 0.0 for p in self.points)
-            good = [p for p in self.points if (p.accuracy or 0.0) >= best - self.tolerance]
+            best = max(score(p) for p in self.points)
+            good = [p for p in self.points if score(p) >= best - self.tolerance]
             return _named(min(good, key=lambda p: p.gflops if p.gflops is not None else math.inf), "auto")
         try:
             gflops = float(text)
@@ -136,8 +146,15 @@ class ExitCatalog:
         if not within:
             raise BudgetError(f"no stored thresholds meet {gflops:g} GFLOPs per window; the cheapest need "
                               f"{self.points[0].gflops:.4g}")
-        chosen = max(within, key=lambda p: (p.accuracy or 0.0, -(p.gflops or 0.0)))
+        chosen = max(within, key=lambda p: (score(p), -(p.gflops or 0.0)))
         return _named(chosen, _format_budget(gflops))
+
+    def _selection_accuracy(self) -> Any:
+        """The accuracy budgets are resolved by: held-out, or test for older registrations (see the
+        module docstring)."""
+        if all(p.heldout_accuracy is not None for p in self.points):
+            return lambda p: p.heldout_accuracy
+        return lambda p: p.accuracy or 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, "named": list(NAMED_BUDGETS),
@@ -149,12 +166,13 @@ def _format_budget(gflops: float) -> str:
 
 
 def _named(point: ExitChoice, name: str) -> ExitChoice:
-    return ExitChoice(name, point.thresholds, point.criterion, point.gflops, point.accuracy)
+    return ExitChoice(name, point.thresholds, point.criterion, point.gflops, point.accuracy, point.heldout_accuracy)
 
 
 def _point(thresholds: dict, gflops: Any, entry: dict) -> ExitChoice:
     values = tuple(float(v) for v in thresholds.get("thresholds", []))
-    accuracy = entry.get("test_accuracy")
+    accuracy, heldout = entry.get("test_accuracy"), entry.get("val_accuracy")
     return ExitChoice("", values, thresholds.get("criterion", "confidence"),
                       float(gflops) if gflops is not None else None,
-                      float(accuracy) if accuracy is not None else None)
+                      float(accuracy) if accuracy is not None else None,
+                      float(heldout) if heldout is not None else None)

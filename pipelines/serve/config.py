@@ -56,7 +56,7 @@ class ServeConfig:
     budget: str = "auto"
     """Default compute budget: GFLOPs per window (``"1.5"``), ``full`` (no early exit), ``min`` (the
     cheapest thresholds) or ``auto`` (the cheapest point of the curve within ``auto_tolerance`` of the
-    best accuracy). Changeable at run time (``PUT /v1/budget``, per stream ``PATCH``)."""
+    best held-out accuracy). Changeable at run time (``PUT /v1/budget``, per stream ``PATCH``)."""
     auto_tolerance: float = 0.01
     window_frames: int = 0
     """Frames the model sees per recognition window; 0 = the model's training T."""

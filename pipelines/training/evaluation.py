@@ -176,6 +176,7 @@ def analyse(model_outputs: dict[str, SplitOutputs], baselines: dict[str, SplitOu
             continue
         on_test = evaluate_exits(test.logits, test.labels, test.flops, chosen.policy)
         result.budgets.append({"budget_gflops": budget, "thresholds": chosen.policy.to_dict(),
+                               "val_accuracy": chosen.heldout.accuracy, "val_gflops": chosen.heldout.gflops,
                                "test_accuracy": on_test.accuracy, "test_gflops": on_test.gflops})
     all_frames = {"accuracy": test.accuracy_after(test.logits.shape[1]), "gflops": test.gflops_per_video}
     result.references["AdaFocusV2 (all frames)"] = all_frames
@@ -267,8 +268,11 @@ def write_artifacts(evaluation: Evaluation, outputs: dict[str, Any], directory: 
     written = []
     (directory / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=1))
     written.append(directory / "evaluation.json")
+    # val_accuracy: the server resolves budgets by the split the thresholds were solved on, never by
+    # the test split (pipelines/serve/budgets.py).
     thresholds = {"curve": [{"test_gflops": p["test_gflops"], "val_gflops": p["val_gflops"],
-                             "test_accuracy": p["test_accuracy"], **p["thresholds"]} for p in evaluation.curve],
+                             "val_accuracy": p["val_accuracy"], "test_accuracy": p["test_accuracy"],
+                             **p["thresholds"]} for p in evaluation.curve],
                   "budgets": evaluation.budgets}
     (directory / "thresholds.json").write_text(json.dumps(thresholds, indent=1))
     written.append(directory / "thresholds.json")
