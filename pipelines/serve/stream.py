@@ -621,8 +621,8 @@ class FrameGate:
 
     At 25 fps and 8 frames per 2 s window the model uses 4 frames a second -- after an early exit none
     until the next window -- yet a decoder hands over all 25 (H.264 frames depend on each other, so
-    every one is decoded). Handing each to the event loop, only for the window logic to count and
-    drop it, cost more CPU per stream than the decoding itself. The session publishes ``skip_hint``
+    every one is decoded). Each would wake the event loop that serves every stream, only for the
+    window logic to count and drop it. The session publishes ``skip_hint``
     after every frame offered and every exit: (the media time of the last frame it was offered, the
     media time from which it wants frames again -- its ``next_pts``). Frames strictly between the two
     are counted here and reported with the next frame that goes through, with the timestamp of the
