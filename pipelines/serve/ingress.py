@@ -404,14 +404,12 @@ class Ingress:
         the event loop (the gate counts the others there, in the thread)."""
         if session.closed:
             return True
+        if session.settings.drop_policy == "block" and not session.has_room():
+            return False  # the reader waits and offers this frame again
         received = time.monotonic()
         passed = gate.check(frame.media_time, received)
         if passed is None:
             return True
-        if session.settings.drop_policy == "block" and not session.has_room():
-            gate.skipped += passed[0]  # not handed over yet: reported with the next attempt
-            gate.last_media = passed[1]
-            return False
         self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received, *passed)
         return True
 
