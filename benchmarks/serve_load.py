@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     T = loaded.num_frames
     args.sampling_interval = args.window_seconds / T
     if args.max_p50_ms is None:
-        args.max_p50_ms = 1e3 * args.window_seconds / T
+        args.max_p50_ms = 1e3 * args.sampling_interval
     choice = ExitCatalog.from_exits(loaded.exits, T).resolve(args.budget)
     step_gflops = float(loaded.model.flops_per_step(T)[0]) / 1e9
     log(f"model {args.model}: {loaded.method}, {len(loaded.classes)} classes, T={T}, {step_gflops:.4f} GFLOPs "

@@ -622,9 +622,9 @@ class FrameGate:
     At 25 fps and 8 frames per 2 s window the model uses 4 frames a second -- after an early exit none
     until the next window -- yet a decoder hands over all 25 (H.264 frames depend on each other, so
     every one is decoded). Each would wake the event loop that serves every stream, only for the
-    window logic to count and drop it. The session publishes ``skip_hint``
-    after every frame offered and every exit: (the media time of the last frame it was offered, the
-    media time from which it wants frames again -- its ``next_pts``). Frames strictly between the two
+    window logic to count and drop it. The session publishes ``skip_hint`` after every frame offered
+    and every exit: (the media time of the last frame it was offered, the media time from which it
+    wants frames again -- its ``next_pts``). Frames strictly between the two
     are counted here and reported with the next frame that goes through, with the timestamp of the
     frame just before it (the windower estimates the source's frame interval from it).
 
