@@ -145,6 +145,24 @@ def test_budgets_resolve_to_stored_thresholds():
     assert ExitCatalog.from_exits(exits, num_frames=4, tolerance=0.1).resolve("auto").gflops == 0.03
 
 
+def test_auto_allows_one_standard_error_of_the_heldout_split():
+    """``auto`` by default: the cheapest thresholds the held-out split cannot tell apart from the best,
+    so the same four points of accuracy are noise on 96 videos and a real difference on 2,000."""
+    exits = _exits()
+    for entry, heldout in zip(exits["curve"], (0.52, 0.70, 0.74)):
+        entry["val_accuracy"] = heldout
+    small = ExitCatalog.from_exits(dict(exits, heldout_videos=96), num_frames=4)
+    assert small.auto_tolerance() == pytest.approx(math.sqrt(0.74 * 0.26 / 96))  # 4.5 points
+    assert small.resolve("auto").gflops == 0.03
+    large = ExitCatalog.from_exits(dict(exits, heldout_videos=2000), num_frames=4)
+    assert large.auto_tolerance() == pytest.approx(0.0098, abs=1e-4)
+    assert large.resolve("auto").gflops == 0.04
+    assert large.describe()["auto_tolerance"] == large.auto_tolerance()
+    # A configured tolerance wins; a registration without the split's size keeps one point.
+    assert ExitCatalog.from_exits(dict(exits, heldout_videos=96), 4, tolerance=0.01).resolve("auto").gflops == 0.04
+    assert ExitCatalog.from_exits(exits, num_frames=4).resolve("auto").gflops == 0.04
+
+
 def test_exit_policy_for_window_lengths():
     choice = ExitCatalog.from_exits(_exits(), num_frames=4).resolve(0.03)
     logits = torch.zeros(1, 4)  # uniform: confidence 0.25

@@ -61,8 +61,11 @@ def test_demo_configuration_end_to_end_and_mlflow_contents(training_set, tmp_pat
             "summary.txt", "evaluation.json", "patches"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "patches")) == 2
     local = Path(client.download_artifacts(run.info.run_id, "thresholds.json", str(tmp_path)))
-    curve = json.loads(local.read_text())["curve"]
+    thresholds = json.loads(local.read_text())
+    curve = thresholds["curve"]
     assert curve and all(len(p["thresholds"]) == 4 for p in curve)
+    held_out = int(run.data.metrics["val_videos"])
+    assert thresholds["heldout_videos"] == held_out > 0  # what the serving `auto` budget's tolerance uses
 
     version = client.get_model_version_by_alias("adastream-adafocus_v2", "demo")
     assert version.run_id == run.info.run_id

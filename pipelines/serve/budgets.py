@@ -12,7 +12,12 @@ Budgets are given as
   whose held-out cost is within it;
 * ``full``: no early exit (every window sees all its frames: AdaFocusV2 without the "+");
 * ``min``: the cheapest stored thresholds;
-* ``auto``: the cheapest thresholds within ``tolerance`` of the best stored accuracy (the knee).
+* ``auto``: the cheapest thresholds whose accuracy is within ``tolerance`` of the best stored one (the
+  knee). By default the tolerance is one standard error of that best accuracy on the held-out split,
+  ``sqrt(a (1 - a) / n)`` for ``n`` held-out videos: the cheapest thresholds the split cannot tell apart
+  from the best (the "one-standard-error rule" of model selection, Breiman et al. 1984). A fixed
+  tolerance would mean different things on different splits: one point is a single video of the demo's
+  96 held-out videos -- noise -- and a clear difference on a validation set of 20,000.
 
 "Accurate" means on the held-out split, where the thresholds were solved: choosing among them by
 test accuracy would tune on the test split, and the test accuracy reported for the choice would no
@@ -94,10 +99,14 @@ class ExitCatalog:
 
     num_frames: int
     points: list[ExitChoice] = field(default_factory=list)
-    tolerance: float = 0.01
+    tolerance: float | None = None
+    """``auto``'s tolerance (accuracy, 0.01 = one point); None: one standard error (module docstring)."""
+    heldout_videos: int | None = None
+    """Size of the split the thresholds were solved on (registered with them since the one-standard-
+    error rule; older registrations fall back to a tolerance of one point)."""
 
     @classmethod
-    def from_exits(cls, exits: dict, num_frames: int, tolerance: float = 0.01) -> "ExitCatalog":
+    def from_exits(cls, exits: dict, num_frames: int, tolerance: float | None = None) -> "ExitCatalog":
         points = []
         for entry in exits.get("curve", []):
             points.append(_point(entry, entry.get("val_gflops", entry.get("test_gflops")), entry))
@@ -109,7 +118,9 @@ class ExitCatalog:
         points = [p for p in points if len(p.thresholds) >= 1]
         points.sort(key=lambda p: (p.gflops if p.gflops is not None else math.inf,
                                    -(p.heldout_accuracy or p.accuracy or 0.0)))
-        return cls(num_frames=num_frames, points=points, tolerance=tolerance)
+        heldout_videos = exits.get("heldout_videos")
+        return cls(num_frames=num_frames, points=points, tolerance=tolerance,
+                   heldout_videos=int(heldout_videos) if heldout_videos else None)
 
     @property
     def has_exits(self) -> bool:
@@ -133,7 +144,7 @@ class ExitCatalog:
         score = self._selection_accuracy()
         if text == "auto":
             best = max(score(p) for p in self.points)
-            good = [p for p in self.points if score(p) >= best - self.tolerance]
+            good = [p for p in self.points if score(p) >= best - self.auto_tolerance() - 1e-12]
             return _named(min(good, key=lambda p: p.gflops if p.gflops is not None else math.inf), "auto")
         try:
             gflops = float(text)
@@ -149,6 +160,16 @@ class ExitCatalog:
         chosen = max(within, key=lambda p: (score(p), -(p.gflops or 0.0)))
         return _named(chosen, _format_budget(gflops))
 
+    def auto_tolerance(self) -> float:
+        """How far below the best accuracy ``auto`` may go: the configured tolerance, else one standard
+        error of the best held-out accuracy, else (older registrations) one point."""
+        if self.tolerance is not None:
+            return self.tolerance
+        if self.heldout_videos and self.points and all(p.heldout_accuracy is not None for p in self.points):
+            best = max(p.heldout_accuracy for p in self.points)
+            return math.sqrt(best * (1.0 - best) / self.heldout_videos)
+        return 0.01
+
     def _selection_accuracy(self) -> Any:
         """The accuracy budgets are resolved by: held-out, or test for older registrations (see the
         module docstring)."""
@@ -158,7 +179,10 @@ class ExitCatalog:
 
     def describe(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames, "named": list(NAMED_BUDGETS),
-                "curve": [{"gflops": p.gflops, "accuracy": p.accuracy} for p in self.points]}
+                "auto_tolerance": self.auto_tolerance() if self.points else None,
+                "heldout_videos": self.heldout_videos,
+                "curve": [{"gflops": p.gflops, "accuracy": p.accuracy, "heldout_accuracy": p.heldout_accuracy}
+                          for p in self.points]}
 
 
 def _format_budget(gflops: float) -> str:

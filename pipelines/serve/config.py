@@ -57,7 +57,9 @@ class ServeConfig:
     """Default compute budget: GFLOPs per window (``"1.5"``), ``full`` (no early exit), ``min`` (the
     cheapest thresholds) or ``auto`` (the cheapest point of the curve within ``auto_tolerance`` of the
     best held-out accuracy). Changeable at run time (``PUT /v1/budget``, per stream ``PATCH``)."""
-    auto_tolerance: float = 0.01
+    auto_tolerance: float | None = None
+    """``auto``: how far below the best held-out accuracy (0.01 = one point); None = one standard error
+    of it on the held-out split (``pipelines/serve/budgets.py``)."""
     window_frames: int = 0
     """Frames the model sees per recognition window; 0 = the model's training T."""
     window_seconds: float = 2.0

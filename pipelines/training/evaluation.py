@@ -137,6 +137,8 @@ class Evaluation:
     budgets: list[dict] = field(default_factory=list)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     headline: dict[str, float] = field(default_factory=dict)
+    heldout_videos: int = 0
+    """Videos of the split the thresholds were solved on."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +159,7 @@ def analyse(model_outputs: dict[str, SplitOutputs], baselines: dict[str, SplitOu
     ``baselines``: the model's weights with another policy; ``trained_baselines``: models trained
     with another policy)."""
     val, test = model_outputs["val"], model_outputs["test"]
-    result = Evaluation()
+    result = Evaluation(heldout_videos=int(val.labels.shape[0]))
     result.steps_table["learned policy"] = accuracy_by_steps(test)
     for name, outputs in (trained_baselines or {}).items():
         result.steps_table[f"{name} policy, trained"] = accuracy_by_steps(outputs)
@@ -273,7 +275,10 @@ def write_artifacts(evaluation: Evaluation, outputs: dict[str, Any], directory: 
     thresholds = {"curve": [{"test_gflops": p["test_gflops"], "val_gflops": p["val_gflops"],
                              "val_accuracy": p["val_accuracy"], "test_accuracy": p["test_accuracy"],
                              **p["thresholds"]} for p in evaluation.curve],
-                  "budgets": evaluation.budgets}
+                  "budgets": evaluation.budgets,
+                  # How many videos the held-out accuracies are measured on: what a difference between
+                  # two of them means (the server's `auto` budget allows one standard error).
+                  "heldout_videos": evaluation.heldout_videos}
     (directory / "thresholds.json").write_text(json.dumps(thresholds, indent=1))
     written.append(directory / "thresholds.json")
     references = {name: (ref["gflops"], ref["accuracy"]) for name, ref in evaluation.references.items()}
