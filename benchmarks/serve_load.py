@@ -713,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="short trials and a coarser search (20 %%): a few minutes, noisier numbers")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.latency_rounds < 1:
+        parser.error("--latency-rounds must be at least 1")
     if args.quick:
         args.warmup, args.duration, args.latency_duration = 3.0, 5.0, 6.0
         args.resolution = max(args.resolution, 0.2)
@@ -805,8 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run_all())
     from ray import serve
 
-    # Per-frame latency of one stream, both layouts side by side with the in-process baseline and the
-    # no-op hop (with the model inside the ingress, colocate_model, one hop less).
+    # Per-frame latency of one stream through both layouts (the separate Recognizer, and colocate_model:
+    # the model inside the ingress, one hop less), side by side with the in-process baseline and the
+    # no-op hop.
     other = start(serve_config(not args.colocate, "/other"))
     serve.run(hop_probe_app(), name="adastream-bench-hop", route_prefix=None, blocking=False)
     main_layout, other_layout = ("colocated", "separate") if args.colocate else ("separate", "colocated")
