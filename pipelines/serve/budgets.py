@@ -165,15 +165,19 @@ class ExitCatalog:
         error of the best held-out accuracy, else (older registrations) one point."""
         if self.tolerance is not None:
             return self.tolerance
-        if self.heldout_videos and self.points and all(p.heldout_accuracy is not None for p in self.points):
+        if self.heldout_videos and self.points and self._by_heldout():
             best = max(p.heldout_accuracy for p in self.points)
             return math.sqrt(best * (1.0 - best) / self.heldout_videos)
         return 0.01
 
+    def _by_heldout(self) -> bool:
+        """Whether every point carries its held-out accuracy (older registrations do not)."""
+        return all(p.heldout_accuracy is not None for p in self.points)
+
     def _selection_accuracy(self) -> Any:
         """The accuracy budgets are resolved by: held-out, or test for older registrations (see the
         module docstring)."""
-        if all(p.heldout_accuracy is not None for p in self.points):
+        if self._by_heldout():
             return lambda p: p.heldout_accuracy
         return lambda p: p.accuracy or 0.0
 
