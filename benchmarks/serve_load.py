@@ -51,8 +51,9 @@ stops at its first confident frame.
   does nothing (same request, same reply size, same Serve and data plane): the floor of the separate
   layout's hop, which no change to the app's code removes. The best case (``*_vs_direct``), calls back
   to back with hot caches, is much faster on a small shared machine than the same call at a stream's
-  pace, and is printed too. Events carry a latency breakdown (queue, decode, step, model, send), so the
-  benchmark also prints Serve's overhead over the work as timed inside the server (``*_vs_work``).
+  pace, and is printed too. Events carry a latency breakdown (queue, decode, step, model, send,
+  transport) and the batch size, so the benchmark also prints Serve's overhead over the work as timed
+  inside the server (``*_vs_work``).
 
 Everything shares the machine (the generators too), so absolute numbers are this machine's, and
 noisy when other work runs; the ratios are the point. Headline figures come last as ``name=value``.
@@ -354,6 +355,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
             if e.get("type") == "prediction" and e.get("timing_ms") and measure_from and e["time"] >= measure_from:
                 for k, v in e["timing_ms"].items():
                     breakdown.setdefault(k, []).append(v)
+                breakdown.setdefault("batch", []).append(e.get("batch_size") or 0)
     server_lat, client_lat = [], []
     sampled = dropped = steps = windows = exits = 0
     for s in stats:
@@ -614,9 +616,8 @@ def hop_probe_app() -> Any:
     # No CPU reservation: it does no work, and the apps under test hold the logical CPUs of a small Ray.
     @serve.deployment(name="NoopRecognizer", ray_actor_options={"num_cpus": 0})
     class NoopRecognizer:
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-        async def step(self, requests: list) -> list:
-            return [request.state for request in requests]
+        async def step(self, request: Any) -> Any:
+            return request.state
 
     @serve.deployment(name="HopProbe", ray_actor_options={"num_cpus": 0})
     class HopProbe:

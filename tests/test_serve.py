@@ -16,7 +16,7 @@ import torch
 from adaptive import build_model
 from pipelines.serve.budgets import BudgetError, ExitCatalog
 from pipelines.serve.config import ConfigError, ServeConfig, is_loopback, load_serve_config
-from pipelines.serve.engine import StepEngine, StepRequest
+from pipelines.serve.engine import StepBatcher, StepEngine, StepRequest
 from pipelines.serve.events import EventLog
 from pipelines.serve.frames import (JPEG, MPEGTS, PNG, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message, to_model_input)
@@ -274,6 +274,81 @@ def test_engine_never_puts_two_frames_of_one_stream_in_a_pass(small_model):
     np.testing.assert_allclose(second.logits, ref2.logits, atol=1e-5)
     np.testing.assert_allclose(other.logits, first.logits, atol=1e-5)
     assert 0 <= min(first.box) and max(first.box) <= 1 and first.macs == small_model.step_macs()
+
+
+class _HeldPasses:
+    """A pass function for StepBatcher that records each batch and holds the first pass until released."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.fail_first = fail_first
+
+    async def __call__(self, requests: list[StepRequest]) -> list[str]:
+        self.batches.append([r.stream for r in requests])
+        if len(self.batches) == 1:
+            await self.release.wait()
+            if self.fail_first:
+                raise RuntimeError("replica lost")
+        return [f"result of {r.stream}" for r in requests]
+
+
+def _request(stream: str) -> StepRequest:
+    return StepRequest(stream, np.zeros((4, 4, 3), np.uint8))
+
+
+def test_batcher_takes_every_request_that_queued_while_a_pass_ran():
+    async def scenario(max_batch_size: int) -> tuple[list[list[str]], list[str]]:
+        passes = _HeldPasses()
+        batcher = StepBatcher(passes, max_batch_size)
+        first = asyncio.create_task(batcher.step(_request("s0")))
+        await asyncio.sleep(0.01)  # the lone first request starts a pass at once, without waiting for company
+        assert passes.batches == [["s0"]]
+        others = [asyncio.create_task(batcher.step(_request(f"s{i}"))) for i in range(1, 11)]
+        await asyncio.sleep(0.01)
+        passes.release.set()
+        results = await asyncio.gather(first, *others)
+        return passes.batches, results
+
+    batches, results = asyncio.run(scenario(32))
+    assert batches == [["s0"], [f"s{i}" for i in range(1, 11)]]  # one pass for all ten that waited
+    assert results == [f"result of s{i}" for i in range(11)]  # every caller gets its own result
+    batches, _ = asyncio.run(scenario(4))
+    assert [len(b) for b in batches] == [1, 4, 4, 2]
+
+
+def test_batcher_fails_only_the_failed_pass_and_skips_callers_that_gave_up():
+    async def scenario() -> tuple[list[list[str]], list[object]]:
+        passes = _HeldPasses(fail_first=True)
+        batcher = StepBatcher(passes, 32)
+        failing = asyncio.create_task(batcher.step(_request("a")))
+        await asyncio.sleep(0.01)
+        gave_up = asyncio.create_task(asyncio.wait_for(batcher.step(_request("b")), 0.01))
+        waiting = asyncio.create_task(batcher.step(_request("c")))
+        await asyncio.sleep(0.05)  # "b" times out while the first pass is still held
+        passes.release.set()
+        outcomes = await asyncio.gather(failing, gave_up, waiting, return_exceptions=True)
+        later = await batcher.step(_request("d"))  # the batcher outlives a failed pass
+        return passes.batches, [*outcomes, later]
+
+    batches, outcomes = asyncio.run(scenario())
+    assert batches == [["a"], ["c"], ["d"]]  # "b" gave up before its pass: no compute spent on it
+    assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[1], asyncio.TimeoutError)
+    assert outcomes[2:] == ["result of c", "result of d"]
+
+
+def test_batcher_wait_gathers_requests_that_arrive_within_it():
+    async def scenario(wait_s: float) -> list[list[str]]:
+        passes = _HeldPasses()
+        passes.release.set()
+        batcher = StepBatcher(passes, 32, wait_s=wait_s)
+        first = asyncio.create_task(batcher.step(_request("a")))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(first, batcher.step(_request("b")))
+        return passes.batches
+
+    assert asyncio.run(scenario(0.0)) == [["a"], ["b"]]
+    assert asyncio.run(scenario(0.5)) == [["a", "b"]]
 
 
 # ----------------------------------------------------------------------------------------- events

@@ -52,7 +52,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipelines.serve.budgets import BudgetError, ExitCatalog, ExitChoice
 from pipelines.serve.config import ConfigError, ServeConfig
-from pipelines.serve.engine import StepRequest, StepResult
+from pipelines.serve.engine import StepBatcher, StepRequest, StepResult
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
 from pipelines.serve.sources import ChunkPipe, SourceFrame, SourceOptions, SourceReader, open_pipe, open_url
@@ -310,21 +310,20 @@ class Ingress:
         device = resolve_device(self.config.device)
         loaded = load_registered_model(self.config.model_uri, tracking_uri=self.config.tracking_uri, device=device)
         self.local_engine = StepEngine(loaded.model, device, replica=self.replica)
-        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._local_step.set_max_batch_size(self.config.max_batch_size)
-        self._local_step.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica)
+        model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _local_step(self, requests: list[StepRequest]) -> list[StepResult]:
-        # Same cross-stream batching as the Recognizer, in this process; the pass runs in a thread so
-        # the WebSockets keep flowing meanwhile.
-        return await self.loop.run_in_executor(self.model_pool, self.local_engine.run, requests)
+        async def run(requests: list[StepRequest]) -> list[StepResult]:
+            # The pass runs in a thread so the WebSockets keep flowing meanwhile.
+            return await self.loop.run_in_executor(model_pool, self.local_engine.run, requests)
+
+        # Same cross-stream batching as the Recognizer, in this process.
+        self.local_batcher = StepBatcher(run, self.config.max_batch_size, self.config.batch_wait_timeout_s)
+        return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica)
 
     # ================================================================ Hub interface (for sessions)
     async def step(self, request: StepRequest) -> StepResult:
         if self.recognizer is None:
-            return await self._local_step(request)
+            return await self.local_batcher.step(request)
         return await self.recognizer.step.remote(request)
 
     def default_choice(self) -> ExitChoice:

@@ -1,23 +1,25 @@
-"""The ``Recognizer`` deployment: the registered model behind ``@serve.batch``.
+"""The ``Recognizer`` deployment: the registered model behind an opportunistic batcher.
 
 Each call is one frame of one stream with that stream's state (:class:`~pipelines.serve.engine.StepRequest`);
-``@serve.batch`` gathers the calls that arrive while the previous forward pass runs into the next one
-(``batch_wait_timeout_s = 0`` by default: opportunistic batching, so a lone stream never waits for
-company); Serve's replica keeps accepting and queueing the next batch on its own event loop while a
-pass runs. Replicas are stateless with respect to streams; any number of them can serve,
+:class:`~pipelines.serve.engine.StepBatcher` gathers the calls that arrive while the previous forward
+pass runs into the next one (``batch_wait_timeout_s = 0`` by default, so a lone stream never waits for
+company); the pass runs in a thread, so the replica keeps receiving requests meanwhile. Replicas are
+stateless with respect to streams; any number of them can serve,
 and Serve restarts (or autoscales) them without any stream noticing more than a retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from pipelines.serve.config import ServeConfig
-from pipelines.serve.engine import StepEngine, StepRequest, StepResult
+from pipelines.serve.engine import StepBatcher, StepEngine, StepRequest, StepResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,23 +67,25 @@ class Recognizer:
         context = serve.get_replica_context()
         self.replica = context.replica_id.to_full_id_str()
         self.engine = StepEngine(loaded.model, device, replica=self.replica)
-        self.step.set_max_batch_size(config.max_batch_size)
-        self.step.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         from pipelines.serve.metrics import RecognizerMetrics
 
         self.metrics = RecognizerMetrics()
+        model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+        async def run(requests: list[StepRequest]) -> list[StepResult]:
+            return await asyncio.get_running_loop().run_in_executor(model_thread, self.engine.run, requests)
+
+        self.batcher = StepBatcher(run, config.max_batch_size, config.batch_wait_timeout_s,
+                                   observe=self.metrics.observe)
         logger.info("Recognizer %s: %s (%s, %d classes, T=%d) on %s in %.1f s", self.replica, config.model_uri,
                     loaded.method, len(loaded.classes), loaded.num_frames, device, time.perf_counter() - started)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def step(self, requests: list[StepRequest]) -> list[StepResult]:
-        # The pass runs on the user-code event loop itself: Serve's replica keeps receiving requests on
-        # its own loop meanwhile (they form the next batch), and a thread hop per batch would only add
-        # latency -- a lot of it on a busy machine.
-        started = time.perf_counter()
-        results = self.engine.run(requests)
-        self.metrics.observe(len(requests), (time.perf_counter() - started) * 1e3)
-        return results
+    async def step(self, request: StepRequest) -> StepResult:
+        """One frame of one stream; returns once the batch it joined has been stepped."""
+        received = time.time()
+        result = await self.batcher.step(request)
+        result.extra["received"] = received  # the way here vs the wait for a pass: see StreamSession timing
+        return result
 
     async def info(self) -> dict[str, Any]:
         return dict(self.meta, replica=self.replica)

@@ -426,12 +426,14 @@ class StreamSession:
             return
         # Where a frame's latency went: waiting for the stream's worker, decode + transform, the step
         # (batching, the trip to the recognizer and back, the forward pass), of which the forward pass,
-        # and of which the way there: handing over -> the pass began (router, gRPC, the batch queue;
-        # the two processes' wall clocks, so exact when they share a machine).
+        # and of which the way there: handing over -> the pass began (router, gRPC, the batch queue),
+        # and of that the transport alone: handing over -> the recognizer received it (the two
+        # processes' wall clocks, so exact when they share a machine).
         item.timing = {"queue": round(1e3 * (picked - item.received), 2), "decode": round(1e3 * (decoded - picked), 2),
                        "step": round(1e3 * (time.monotonic() - decoded), 2),
                        "model": result.extra.get("compute_ms"),
-                       "send": round(1e3 * (result.extra["began"] - sent_wall), 2) if "began" in result.extra else None}
+                       "send": round(1e3 * (result.extra["began"] - sent_wall), 2) if "began" in result.extra else None,
+                       "transport": round(1e3 * (result.extra["received"] - sent_wall), 2) if "received" in result.extra else None}
         self._after_step(item, result)
 
     async def _step(self, request: StepRequest) -> StepResult:
