@@ -7,6 +7,7 @@ import asyncio
 import fractions
 import math
 import struct
+import threading
 
 import av
 import numpy as np
@@ -491,6 +492,36 @@ class _SteppingHub(_FakeHub):
 
         return StepResult(logits=np.array([2.0, 0.0, 0.0, 0.0], np.float32), state={}, macs=1e7,
                           box=[0.0, 0.0, 1.0, 1.0])
+
+
+def test_closing_a_stream_ends_its_worker_even_if_the_cancellation_is_lost():
+    """A DELETE under load once waited for ever: the stream's worker had lost its cancellation
+    somewhere in the libraries under a step and gone back to waiting for frames. Closing now also
+    wakes the worker, which sees the stream closed and ends; nothing is published after stream_ended."""
+    import json
+
+    from pipelines.serve.stream import PUSH, StreamSession, parse_settings
+
+    async def scenario() -> tuple[list[dict], bool]:
+        hub = _SteppingHub()
+        session = StreamSession(hub, "cam", PUSH, parse_settings(hub.config, 4, window_seconds=0.0))
+        session.offer(lambda: np.zeros((8, 8, 3), np.uint8), media_time=0.0)
+        await session.drain(5)
+        session._worker.cancel = lambda *args, **kwargs: False  # the cancellation gets lost
+        await session.close("deleted", "deleted")
+        await asyncio.sleep(0)
+        return [json.loads(e.data) for e in session.events.ring], session._worker.done()
+
+    # In a thread: a close that waits for the worker for ever must fail the test, not hang it.
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(asyncio.run(scenario())), daemon=True)
+    runner.start()
+    runner.join(4)  # well under WORKER_STOP_S: the worker must end because it was woken
+    assert outcome, "closing the stream waited for its worker"
+    events, worker_done = outcome[0]
+    assert worker_done
+    assert [e["type"] for e in events][-2:] == ["prediction", "stream_ended"]
+    assert events[-1]["status"] == "deleted"
 
 
 def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_model_sees():

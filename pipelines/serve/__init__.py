@@ -9,8 +9,8 @@ Modules, from the wire inwards:
 * ``frames``     -- sniffing pushed messages, image decoding, the model's input transform
 * ``windows``    -- recognition windows and frame sampling in stream time
 * ``budgets``    -- budget -> early-exit thresholds from the registered curve
-* ``engine``     -- ``model.step`` over a batch of streams (no Ray; also used by predict.py)
-* ``recognizer`` -- the model deployment (``@serve.batch``)
+* ``engine``     -- ``model.step`` over a batch of streams, and the batcher (no Ray; also used by predict.py)
+* ``recognizer`` -- the model deployment (batched steps)
 * ``directory``  -- stream records for failover across ingress replicas
 * ``events``, ``metrics``, ``config``
 

@@ -374,11 +374,13 @@ class StreamSession:
     # ------------------------------------------------------------------ worker
     async def _run(self) -> None:
         try:
-            while True:
-                while not self.pending:
+            while not self.closed:
+                while not self.pending and not self.closed:
                     self._drained.set()
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                if self.closed:
+                    break
                 item = self.pending.popleft()
                 self._room.set()
                 self._in_step = True
@@ -424,6 +426,8 @@ class StreamSession:
             self._refresh_skip_hint()
             self.hub.changed(self)
             return
+        if self.closed:
+            return  # the stream was closed while the step ran: nothing is published after stream_ended
         # Where a frame's latency went: waiting for the stream's worker, decode + transform, the step
         # (batching, the trip to the recognizer and back, the forward pass), of which the forward pass,
         # and of which the way there: handing over -> the pass began (router, gRPC, the batch queue),
@@ -442,7 +446,10 @@ class StreamSession:
         attempt = 0
         while True:
             try:
-                return await asyncio.wait_for(self.hub.step(request), timeout=config.step_timeout_s)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a result that arrives
+                # together with a cancellation and drops the cancellation.
+                async with asyncio.timeout(config.step_timeout_s):
+                    return await self.hub.step(request)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - classified below
@@ -561,16 +568,22 @@ class StreamSession:
         except asyncio.TimeoutError:
             pass
 
+    WORKER_STOP_S = 5.0
+
     async def close(self, reason: str, status: str = "ended") -> None:
         """End the stream: finish the current window, publish ``stream_ended``, stop the worker."""
         if self.closed:
             return
         self.closed = True
         self._worker.cancel()
-        try:
-            await self._worker
-        except asyncio.CancelledError:
-            pass
+        # The worker also checks ``closed`` whenever it wakes: a cancellation lost somewhere in the
+        # libraries under a step (seen under load: the worker went back to waiting for frames, and a
+        # DELETE waited for it for ever) still ends it. And a DELETE never waits long for it.
+        self._wakeup.set()
+        done, _ = await asyncio.wait({self._worker}, timeout=self.WORKER_STOP_S)
+        if not done:
+            logger.warning("stream %s: its worker did not stop within %.0f s; closing without it", self.id,
+                           self.WORKER_STOP_S)
         self._end_window("end")
         if self.status not in ("failed",):
             self.status = status
