@@ -5,7 +5,7 @@ without, their frame latency, and what Ray Serve adds per frame over calling the
     python benchmarks/serve_load.py                        # the demo model (sqlite:///mlflow.db)
     python benchmarks/serve_load.py --tracking-uri sqlite:////path/mlflow.db --budget 0.03
     python benchmarks/serve_load.py --transports pull      # only the MPEG-TS-over-UDP capacity search
-    python benchmarks/serve_load.py --quick                # shorter trials, coarser search (~8 min)
+    python benchmarks/serve_load.py --quick                # shorter trials, coarser search (~8-11 min)
 
 What the streams show (``--source``): by default the test videos of ``data/synthetic`` back to back,
 resampled to ``--fps`` -- the demo model's own domain, where its early-exit thresholds were solved. On
