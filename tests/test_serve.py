@@ -524,6 +524,47 @@ def test_closing_a_stream_ends_its_worker_even_if_the_cancellation_is_lost():
     assert events[-1]["status"] == "deleted"
 
 
+class _HeldStepHub(_SteppingHub):
+    """A hub whose step waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.finish = self.loop.create_future()
+
+    async def step(self, request):  # noqa: ANN001, ANN201
+        self.entered.set()
+        await self.finish
+        return await super().step(request)
+
+
+def test_a_close_that_is_itself_cancelled_still_closes_and_a_late_step_publishes_nothing():
+    import json
+
+    from pipelines.serve.stream import PUSH, StreamSession, parse_settings
+
+    async def scenario() -> tuple[list[str], list[str], bool]:
+        hub = _HeldStepHub()
+        session = StreamSession(hub, "cam", PUSH, parse_settings(hub.config, 4, window_seconds=0.0))
+        closed_ids: list[str] = []
+        session.on_close.append(lambda s: closed_ids.append(s.id))
+        session.offer(lambda: np.zeros((8, 8, 3), np.uint8), media_time=0.0)
+        await asyncio.wait_for(hub.entered.wait(), 5)
+        worker = session._worker
+        worker.cancel = lambda *args, **kwargs: False  # the worker stays in its step
+        closing = asyncio.create_task(session.close("deleted", "deleted"))
+        await asyncio.sleep(0.1)
+        closing.cancel()  # e.g. the DELETE's client went away
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        hub.finish.set_result(None)  # the step answers after the stream was closed
+        await asyncio.wait_for(asyncio.shield(worker), 5)
+        return [json.loads(e.data)["type"] for e in session.events.ring], closed_ids, worker.done()
+
+    types, closed_ids, worker_done = asyncio.run(scenario())
+    assert types == ["stream_started", "stream_ended"] and closed_ids == ["cam"] and worker_done
+
+
 def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_model_sees():
     """FrameGate: a reader thread hands the event loop only the frames the windows may use (one
     frame a second whatever, as a heartbeat); the model sees the same frames, in the same windows and

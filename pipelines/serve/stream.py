@@ -580,10 +580,14 @@ class StreamSession:
         # libraries under a step (seen under load: the worker went back to waiting for frames, and a
         # DELETE waited for it for ever) still ends it. And a DELETE never waits long for it.
         self._wakeup.set()
-        done, _ = await asyncio.wait({self._worker}, timeout=self.WORKER_STOP_S)
-        if not done:
-            logger.warning("stream %s: its worker did not stop within %.0f s; closing without it", self.id,
-                           self.WORKER_STOP_S)
+        interrupted = False
+        try:
+            done, _ = await asyncio.wait({self._worker}, timeout=self.WORKER_STOP_S)
+            if not done:
+                logger.warning("stream %s: its worker did not stop within %.0f s; closing without it", self.id,
+                               self.WORKER_STOP_S)
+        except asyncio.CancelledError:
+            interrupted = True  # whoever closes went away (a DELETE's client): close all the same, then say so
         self._end_window("end")
         if self.status not in ("failed",):
             self.status = status
@@ -593,6 +597,8 @@ class StreamSession:
         self._room.set()
         for callback in self.on_close:
             callback(self)
+        if interrupted:
+            raise asyncio.CancelledError
 
     # ------------------------------------------------------------------ reporting
     LATENCY_HORIZON_S = 10.0
