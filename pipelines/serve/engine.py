@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -129,6 +130,17 @@ class StepEngine:
         return {k: torch.tensor(np.asarray(v), device=self.device) for k, v in state.items()}
 
 
+def pass_in_thread(engine: StepEngine) -> Callable[[list[StepRequest]], Awaitable[list[StepResult]]]:
+    """A pass function for :class:`StepBatcher`: ``engine.run`` in a thread of its own, so the event
+    loop keeps receiving requests (they form the next batch) while a pass runs."""
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def run(requests: list[StepRequest]) -> list[StepResult]:
+        return await asyncio.get_running_loop().run_in_executor(thread, engine.run, requests)
+
+    return run
+
+
 class StepBatcher:
     """Opportunistic batching of step requests on an event loop: a pass takes every request that queued
     while the previous pass ran (up to ``max_batch_size``), so batches grow with the load and a lone
@@ -140,7 +152,7 @@ class StepBatcher:
     had batches of 1-3 frames and waited 220 ms in front of a recognizer that was idle 40 % of the
     time. Here a batch is cut only when a pass can start.
 
-    ``run`` does the pass (an executor call, so that the loop keeps receiving requests meanwhile).
+    ``run`` does the pass (:func:`pass_in_thread`, so that the loop keeps receiving requests meanwhile).
     ``wait_s`` > 0 holds a batch's first request up to that long for others (latency for larger
     batches). Requests whose caller gave up (cancelled) are left out of the pass.
     """

@@ -303,21 +303,17 @@ class Ingress:
         import torch
 
         from pipelines.registry import load_registered_model
-        from pipelines.serve.engine import StepEngine
+        from pipelines.serve.engine import StepEngine, pass_in_thread
         from pipelines.serve.recognizer import model_metadata, resolve_device
 
         torch.set_num_threads(self.config.torch_threads)
         device = resolve_device(self.config.device)
         loaded = load_registered_model(self.config.model_uri, tracking_uri=self.config.tracking_uri, device=device)
         self.local_engine = StepEngine(loaded.model, device, replica=self.replica)
-        model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-
-        async def run(requests: list[StepRequest]) -> list[StepResult]:
-            # The pass runs in a thread so the WebSockets keep flowing meanwhile.
-            return await self.loop.run_in_executor(model_pool, self.local_engine.run, requests)
-
-        # Same cross-stream batching as the Recognizer, in this process.
-        self.local_batcher = StepBatcher(run, self.config.max_batch_size, self.config.batch_wait_timeout_s)
+        # Same cross-stream batching as the Recognizer, in this process; the pass runs in a thread so
+        # the WebSockets keep flowing meanwhile.
+        self.local_batcher = StepBatcher(pass_in_thread(self.local_engine), self.config.max_batch_size,
+                                         self.config.batch_wait_timeout_s)
         return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica)
 
     # ================================================================ Hub interface (for sessions)

@@ -10,16 +10,14 @@ and Serve restarts (or autoscales) them without any stream noticing more than a 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from pipelines.serve.config import ServeConfig
-from pipelines.serve.engine import StepBatcher, StepEngine, StepRequest, StepResult
+from pipelines.serve.engine import StepBatcher, StepEngine, StepRequest, StepResult, pass_in_thread
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,12 +68,7 @@ class Recognizer:
         from pipelines.serve.metrics import RecognizerMetrics
 
         self.metrics = RecognizerMetrics()
-        model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-
-        async def run(requests: list[StepRequest]) -> list[StepResult]:
-            return await asyncio.get_running_loop().run_in_executor(model_thread, self.engine.run, requests)
-
-        self.batcher = StepBatcher(run, config.max_batch_size, config.batch_wait_timeout_s,
+        self.batcher = StepBatcher(pass_in_thread(self.engine), config.max_batch_size, config.batch_wait_timeout_s,
                                    observe=self.metrics.observe)
         logger.info("Recognizer %s: %s (%s, %d classes, T=%d) on %s in %.1f s", self.replica, config.model_uri,
                     loaded.method, len(loaded.classes), loaded.num_frames, device, time.perf_counter() - started)
