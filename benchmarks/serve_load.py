@@ -102,27 +102,57 @@ def percentile(values: list[float], q: float) -> float:
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def serve_cpu_seconds() -> float:
-    """CPU seconds used so far by the processes that do per-stream work: Serve's HTTP proxy (the Python
-    ProxyActor, and HAProxy where ``high_throughput`` runs it) and the app's replicas (ingress and
-    recognizer). CPU time is what a stream costs whatever else runs on the machine, so it measures
-    capacity robustly where wall-clock limits are noisy."""
-    total = 0.0
+CPU_PARTS = ("proxy", "ingress", "sources", "model", "recognizer")
+
+
+def serve_cpu_seconds() -> dict[tuple[str, int], float]:
+    """CPU seconds used so far by every thread of the processes that do per-stream work, keyed by (part,
+    thread id). The parts: Serve's HTTP proxy (the Python ProxyActor, and HAProxy where
+    ``high_throughput`` runs it); the ingress replica, less its source reader threads (demuxing and
+    decoding pulled streams and pushed MPEG-TS, with FFmpeg's own threads: ``src:*``, ``av:*``,
+    ``udp-rx``) as ``sources``; the forward passes (the ``model`` thread, in the recognizer replica or
+    with ``colocate_model`` in the ingress); the rest of the recognizer replica (receiving requests,
+    batching, Ray) as ``recognizer``. CPU time is what a stream costs whatever
+    else runs on the machine, so it measures capacity robustly where wall-clock limits are noisy. By
+    thread, so a replica that Serve restarts in between (an overloaded one can fail its health check)
+    counts from zero instead of making the difference negative."""
+    total: dict[tuple[str, int], float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
             is_haproxy = (entry / "comm").read_bytes().strip().endswith(b"haproxy")
-            if not is_haproxy and b"ProxyActor" not in cmdline and b"ServeReplica:adastream-bench" not in cmdline:
+            if is_haproxy or b"ProxyActor" in cmdline:
+                part = "proxy"
+            elif b"ServeReplica:adastream-bench" in cmdline and b"StreamDirectory" not in cmdline:
+                part = "recognizer" if b"Recognizer" in cmdline else "ingress"  # (the directory: bookkeeping)
+            else:
                 continue
-            if b"StreamDirectory" in cmdline:
-                continue  # bookkeeping, not per-frame work
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICKS
+            for task in (entry / "task").iterdir():
+                try:
+                    comm = (task / "comm").read_text().strip()
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # the thread ended
+                thread_part = part
+                if comm == "model":
+                    thread_part = "model"
+                elif part == "ingress" and (comm.startswith(("src:", "av:")) or comm == "udp-rx"):
+                    thread_part = "sources"
+                total[(thread_part, int(task.name))] = (int(fields[11]) + int(fields[12])) / _TICKS
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def cpu_per_stream(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], streams: int,
+                   seconds: float) -> dict[str, float]:
+    """ms of CPU per second of one stream, by part (see :func:`serve_cpu_seconds`)."""
+    used = dict.fromkeys(CPU_PARTS, 0.0)
+    for key, value in after.items():
+        used[key[0]] += value - before.get(key, 0.0)
+    return {k: round(1e3 * v / (streams * seconds), 2) for k, v in used.items()}
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -246,6 +276,8 @@ class Trial:
     transport: str = "push"
     cpu_ms_per_stream_s: float = float("nan")
     """Server CPU (proxy + replicas) per second of one stream, over the measured period."""
+    cpu_parts: dict[str, float] = field(default_factory=dict)
+    """The same by part (see :func:`serve_cpu_seconds`)."""
     breakdown: dict[str, float] = field(default_factory=dict)
     """Median latency parts (push): queue (waiting for the stream's worker), decode, step."""
     latencies: list[float] = field(default_factory=list, repr=False)
@@ -334,8 +366,8 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                 await ws.send(stamped(pts, jpeg))
             except websockets.exceptions.ConnectionClosed:
                 pass
-    cpu_used = serve_cpu_seconds() - cpu_from if measure_from is not None else float("nan")
-    measured_s = time.time() - measure_from if measure_from is not None else float("nan")
+    cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.time() - measure_from) \
+        if measure_from is not None else {}
     await asyncio.sleep(1.0)  # let the last sampled frames come back
     for ws, task in connections:
         try:
@@ -380,7 +412,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         reasons.append(f"generator {lag:.1f} s behind")
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, percentile(client_lat, 50),
                  percentile(client_lat, 99), sampled, dropped, steps, windows, exits, lag,
-                 cpu_ms_per_stream_s=1e3 * cpu_used / (n * measured_s),
+                 cpu_ms_per_stream_s=sum(cpu_parts.values()) if cpu_parts else float("nan"), cpu_parts=cpu_parts,
                  breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
                  latencies=server_lat)
 
@@ -403,16 +435,17 @@ def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dro
 
 
 # ------------------------------------------------------------------------------------------ pull load
-def mpegts_bytes(frames: list[np.ndarray], fps: float, gop: int = 28) -> tuple[bytes, float, float]:
-    """The frames as H.264 in MPEG-TS with a keyframe every ``gop`` frames (as a live camera sends: a
-    receiver joining mid-stream decodes from the next keyframe), its duration in seconds and rate."""
+def mpegts_bytes(frames: list[np.ndarray], fps: float, gop: int = 50) -> tuple[bytes, float, float]:
+    """The frames as H.264 in MPEG-TS as a live camera sends them -- a keyframe every ``gop`` frames
+    exactly (no scene-cut keyframes), no B-frames; a receiver joining mid-stream decodes from the next
+    keyframe -- its duration in seconds and rate."""
     buffer = io.BytesIO()
     rate = fractions.Fraction(fps).limit_denominator(1001)
     with av.open(buffer, "w", format="mpegts") as dst:
         out = dst.add_stream("libx264", rate=rate)
         out.height, out.width = frames[0].shape[:2]
         out.pix_fmt = "yuv420p"
-        out.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "0", "crf": "18"}
+        out.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "0", "crf": "18", "sc_threshold": "0"}
         for i, rgb in enumerate(frames):
             image = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
             image.pts, image.time_base = i, 1 / rate
@@ -494,14 +527,14 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     unresponsive = ""
     before: dict[str, dict] = {}
     after: dict[str, dict] = {}
-    cpu_used = measured_s = float("nan")
+    cpu_parts: dict[str, float] = {}
     try:
         await loop.run_in_executor(None, create)
         await asyncio.sleep(args.warmup)
         before = await loop.run_in_executor(None, _summaries, base_url)
         cpu_from, measured_from = serve_cpu_seconds(), time.monotonic()
         await asyncio.sleep(args.duration)
-        cpu_used, measured_s = serve_cpu_seconds() - cpu_from, time.monotonic() - measured_from
+        cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.monotonic() - measured_from)
         after = await loop.run_in_executor(None, _summaries, base_url)
     except (requests.RequestException, ValueError, KeyError) as error:
         # An overloaded server whose API stops answering has not sustained this load.
@@ -547,7 +580,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     if sender.late > 1.0:
         reasons.append(f"sender {sender.late:.1f} s behind")
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled, dropped,
-                 steps, windows, exits, sender.late, cpu_ms_per_stream_s=1e3 * cpu_used / (n * measured_s))
+                 steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()), cpu_parts=cpu_parts)
 
 
 def limits_of(args: argparse.Namespace) -> dict[str, float]:
@@ -685,6 +718,10 @@ def main(argv: list[str] | None = None) -> int:
                              "test videos back to back); default data/synthetic/manifest.csv, the demo model's "
                              "own domain, if it exists, else ../shared/videos/demo.mp4")
     parser.add_argument("--fps", type=float, default=25.0, help="frames per second of every stream")
+    parser.add_argument("--gop", type=int, default=50,
+                        help="pull: frames from one keyframe to the next (default 50, a common camera setting: 2 s "
+                             "at 25 fps); the server leaves undecoded the frames after an exit up to the keyframe "
+                             "before the next window")
     parser.add_argument("--push-send-all", action="store_true",
                         help="push: send all 25 frames a second, ignoring the server's next_pts (which says "
                              "from which timestamp on it will use a frame again)")
@@ -760,13 +797,13 @@ def main(argv: list[str] | None = None) -> int:
     content = source_frames(args.source, args.fps)
     # Both transports show the same content, so their frames per window (the model's own saving) agree.
     media = {"jpeg": encode_frames(content, len(content), args.frame_size, args.fps),
-             "ts": mpegts_bytes(content, args.fps)}
+             "ts": mpegts_bytes(content, args.fps, args.gop)}
     h, w = content[0].shape[:2]
     log(f"stream content: {args.source} ({len(content)} frames, {w}x{h}, {len(content) / args.fps:.0f} s looped)")
     log(f"push: {len(media['jpeg'])} JPEG frames, "
         f"{np.mean([len(f) for _, f in media['jpeg']]) / 1024:.1f} KiB each, {args.fps:g} fps per stream; "
-        f"pull: H.264 in MPEG-TS over UDP at {args.fps:g} fps, {len(media['ts'][0]) / media['ts'][1] / 1024:.0f} KiB/s "
-        f"per stream")
+        f"pull: H.264 in MPEG-TS over UDP at {args.fps:g} fps, a keyframe every {args.gop} frames, "
+        f"{len(media['ts'][0]) / media['ts'][1] / 1024:.0f} KiB/s per stream")
     log(f"windows of {args.window_seconds:g} s: the model sees a frame every {args.window_seconds / T * 1e3:.0f} ms "
         f"(at most {T / args.window_seconds:.1f} steps/s per stream)")
 
@@ -879,6 +916,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"streams), {full_cpu.cpu_ms_per_stream_s:.1f} ms/s without ({full_cpu.streams} streams) -> "
                 f"{cpu_ratio:.2f}x the streams per core with early exit ({1e3 / exit_cpu.cpu_ms_per_stream_s:.0f} "
                 f"vs {1e3 / full_cpu.cpu_ms_per_stream_s:.0f} per fully used core)")
+            # Where it goes: early exit shrinks the recognizer's part (and the ingress' per-step work);
+            # the sources' part is every frame's demuxing and decoding.
+            for part in CPU_PARTS:
+                log(f"    {part:10s} {exit_cpu.cpu_parts.get(part, float('nan')):6.2f} ms/s with exit, "
+                    f"{full_cpu.cpu_parts.get(part, float('nan')):6.2f} without")
+            headline.update({f"{transport}_cpu_{part}_{label}": t.cpu_parts.get(part) for part in ("sources", "model")
+                             for label, t in (("exit", exit_cpu), ("full", full_cpu))})
         # The model's own saving bounds the capacity ratio: per-frame work (decoding every frame of a
         # pulled stream, messages, events) does not shrink with exit, per-step work does.
         frames_ratio = float("nan")

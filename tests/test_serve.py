@@ -7,7 +7,9 @@ import asyncio
 import fractions
 import math
 import struct
+import sys
 import threading
+import time
 
 import av
 import numpy as np
@@ -338,18 +340,36 @@ def test_batcher_fails_only_the_failed_pass_and_skips_callers_that_gave_up():
     assert outcomes[2:] == ["result of c", "result of d"]
 
 
-def test_batcher_wait_gathers_requests_that_arrive_within_it():
-    async def scenario(wait_s: float) -> list[list[str]]:
+def test_batcher_waits_for_company_only_when_requests_come_faster_than_the_wait():
+    async def scenario(wait_s: float, gap_s: float, n: int) -> tuple[list[list[str]], list[float]]:
         passes = _HeldPasses()
-        passes.release.set()
+        passes.release.set()  # passes take no time: only the wait can batch
         batcher = StepBatcher(passes, 32, wait_s=wait_s)
-        first = asyncio.create_task(batcher.step(_request("a")))
-        await asyncio.sleep(0.02)
-        await asyncio.gather(first, batcher.step(_request("b")))
-        return passes.batches
+        latencies: list[float] = []
 
-    assert asyncio.run(scenario(0.0)) == [["a"], ["b"]]
-    assert asyncio.run(scenario(0.5)) == [["a", "b"]]
+        async def one(i: int) -> None:
+            sent = time.monotonic()
+            await batcher.step(_request(f"s{i}"))
+            latencies.append(time.monotonic() - sent)
+
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(gap_s)
+        await asyncio.gather(*tasks)
+        return passes.batches, latencies
+
+    # Many streams: a request every 5 ms, a wait of 100 ms. Once the gaps are known, passes gather
+    # several requests, and none waits much longer than the wait.
+    batches, latencies = asyncio.run(scenario(0.1, 0.005, 60))
+    assert sum(len(b) for b in batches) == 60 and max(len(b) for b in batches) >= 5 and len(batches) <= 30
+    assert max(latencies) < 0.1 + 0.08
+    # A lone stream (a request every 150 ms) never waits, whatever the wait: one pass each, at once.
+    batches, latencies = asyncio.run(scenario(0.1, 0.15, 5))
+    assert [len(b) for b in batches] == [1] * 5 and max(latencies) < 0.05
+    # No wait: every request that finds the model idle goes at once.
+    batches, _ = asyncio.run(scenario(0.0, 0.005, 20))
+    assert [len(b) for b in batches] == [1] * 20
 
 
 # ----------------------------------------------------------------------------------------- events
@@ -566,8 +586,8 @@ def test_a_close_that_is_itself_cancelled_still_closes_and_a_late_step_publishes
 
 
 def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_model_sees():
-    """FrameGate: a reader thread hands the event loop only the frames the windows may use (one
-    frame a second whatever, as a heartbeat); the model sees the same frames, in the same windows and
+    """FrameGate: a reader thread hands the event loop only the frames the windows may use (two
+    frames a second whatever, as a heartbeat); the model sees the same frames, in the same windows and
     slots, and every frame is still counted -- without and with early exit."""
     import json
 
@@ -617,6 +637,107 @@ def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_mode
     assert gate.check(10.3, now=0.2) is None
     assert gate.check(10.5, now=0.24) == (1, 10.3)  # wanted from here on
     assert gate.check(10.3, now=0.28) is None and gate.flush() == 1
+
+    # Packets left undecoded (KeyframeSkipper) let no frame through: their count comes out on its own,
+    # once per heartbeat.
+    gate = FrameGate(_Session())  # type: ignore[arg-type]
+    assert gate.check(10.2, now=1.0) == (0, None)
+    counts = [gate.leave_out(10.2 + k * 0.04, now=1.0 + k * 0.04) for k in range(1, 16)]
+    assert counts == [0] * 12 + [13, 0, 0] and gate.flush() == 2
+
+
+def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path):
+    """A pulled H.264 stream (25 fps, a keyframe every 28 frames, no B-frames, like a camera) whose
+    windows exit at their first frame: after an exit, the packets up to the last keyframe before the
+    next window are not decoded, every window's first frame still decodes to the right picture, and
+    every frame is counted."""
+    from pipelines.serve.sources import KeyframeSkipper, SourceReader
+    from tests.videos import read_index, write_video
+
+    path = write_video(tmp_path / "camera.ts", 150, gop=28, bframes=False, container_format="mpegts")
+
+    def play(skip: bool) -> tuple[dict[int, int], int, list[int]]:
+        hint: list = [None]
+        firsts: dict[int, int] = {}  # window -> the index its first frame shows
+        seen = [0]
+        left_out: list[int] = []  # frame numbers
+
+        def on_frame(frame) -> bool:  # noqa: ANN001 - plays the stream's gate and windows
+            seen[0] += 1
+            t = frame.media_time - start
+            if hint[0] is not None and hint[0][0] < frame.media_time < hint[0][1]:
+                return True  # not wanted (the server's FrameGate leaves it out here)
+            window = int(t // 2.0 + 1e-6)
+            firsts.setdefault(window, read_index(frame.frame.to_ndarray(format="rgb24")))
+            hint[0] = (frame.media_time, start + 2.0 * (window + 1))  # exited: wanted from the next window
+            return True
+
+        with av.open(str(path)) as probe:
+            start = float(probe.streams.video[0].start_time * probe.streams.video[0].time_base)
+        skipper = KeyframeSkipper(lambda: hint[0], lambda t: left_out.append(round((t - start) * 25)))
+        SourceReader(lambda: av.open(str(path)), on_frame, lambda *a: None, name="camera", live=False,
+                     follow_clock=False, reconnect=False, skipper=skipper if skip else None).run()
+        return firsts, seen[0], left_out
+
+    firsts, decoded, left_out = play(skip=True)
+    reference, all_decoded, _ = play(skip=False)
+    assert firsts == reference == {0: 0, 1: 50, 2: 100}  # the right pictures, where the windows start
+    assert all_decoded == 150 and decoded + len(left_out) == 150
+    # Keyframes at frames 0, 28, 56, ...; the interval is known at the third (frame 56). Window 1
+    # (frames 50-99) wants nothing after frame 50, and the keyframe at 84 comes before frame 100: 56-83
+    # are left out. Window 2 wants nothing after 100; keyframes at 112 and 140 come before frame 150:
+    # from 100 on (a frame or two later, the decoder's delay in reporting frame 100) up to 139.
+    assert left_out[:28] == list(range(56, 84))
+    assert set(range(112, 140)) <= set(left_out[28:]) <= set(range(101, 140))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
+def test_source_reader_threads_carry_their_stream_in_their_os_name():
+    """Operators see which stream a busy thread serves (top -H, profilers): the reader names itself."""
+    from pathlib import Path
+
+    from pipelines.serve.sources import ChunkPipe, SourceReader, open_pipe
+
+    pipe = ChunkPipe()
+    reader = SourceReader(open_pipe(pipe), lambda frame: True, lambda *a: None, name="cam-7", live=True,
+                          follow_clock=False, reconnect=False, exhausted=lambda: pipe.exhausted)
+    reader.start()
+    try:
+        comm = Path(f"/proc/self/task/{reader.native_id}/comm")
+        for _ in range(200):  # the thread names itself first thing; it then waits on the empty pipe
+            if comm.read_text().strip() == "src:cam-7":
+                break
+            threading.Event().wait(0.01)
+        assert comm.read_text().strip() == "src:cam-7"
+        assert threading.current_thread().name != "src:cam-7"
+    finally:
+        reader.stop()
+        pipe.finish()
+        reader.join(10)
+    assert not reader.is_alive()
+
+
+def test_keyframe_skipper_decodes_everything_it_cannot_predict():
+    from pipelines.serve.sources import KeyframeSkipper
+
+    def feed(skipper: KeyframeSkipper, times: list[float], keys: set[float], reordered: bool = False) -> list[float]:
+        return [t for t in times if not skipper.decode(t, t in keys, reordered)]
+
+    times = [round(i * 0.1, 1) for i in range(100)]  # 10 fps, 10 s
+    regular = {0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0}
+    wanted_late = lambda: (3.0, 6.5)  # noqa: E731 - nothing wanted in (3, 6.5)
+    skipped = feed(KeyframeSkipper(wanted_late), times, regular)
+    assert skipped == [t for t in times if 3.0 < t < 6.0]  # decoding restarts at the keyframe at 6 s
+    assert feed(KeyframeSkipper(wanted_late), times, regular, reordered=True) == []  # B-frames: never
+    assert feed(KeyframeSkipper(wanted_late), times, {0.0, 1.0, 2.5, 3.0, 4.5}) == []  # no regular interval
+    # A keyframe due exactly at the wanted frame (a camera's GOP as long as the window) restarts the
+    # decoding there; one due just after it would come too late.
+    assert feed(KeyframeSkipper(lambda: (3.0, 4.0)), times, regular) == [t for t in times if 3.0 < t < 4.0]
+    assert feed(KeyframeSkipper(lambda: (3.0, 3.95)), times, regular) == []
+    # The keyframe counted on (4 s) does not come: frames up to the next one (4.7 s) cannot decode and
+    # are left out too; then the interval is forgotten and everything decodes.
+    missed = feed(KeyframeSkipper(lambda: (3.0, 6.0)), times, {0.0, 1.0, 2.0, 3.0, 4.7, 5.7, 6.7})
+    assert missed == [t for t in times if 3.0 < t < 4.7]
 
 
 def test_rate_meter_counts_events_reported_in_bulk():

@@ -72,9 +72,12 @@ class ServeConfig:
     # -- batching and replicas ------------------------------------------------------------------------
     max_batch_size: int = 32
     """At most this many streams (one frame each) in one forward pass."""
-    batch_wait_timeout_s: float = 0.0
-    """0 = opportunistic batching: a batch takes whatever queued while the previous one ran, so a lone
-    stream never waits; raise it to trade latency for larger batches."""
+    batch_wait_timeout_s: float = 0.05
+    """Batching is opportunistic (a pass takes whatever queued while the previous one ran); on top, when
+    frames arrive more often than this (about 5 streams or more at 4 steps/s), a pass waits for company
+    until its oldest frame has waited this long. Measured at 40 pulled streams on 2 cores: the forward
+    passes' CPU fell by half with early exit and by 44 % without, for about 40 ms more latency at the
+    median. A lone stream never waits. 0 = never wait (see :class:`~pipelines.serve.engine.StepBatcher`)."""
     colocate_model: bool = False
     """Run the model inside the ingress replica instead of a separate Recognizer deployment: one hop
     less per frame (lower latency, less CPU) on a single CPU machine, but the model no longer scales

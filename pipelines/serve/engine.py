@@ -26,6 +26,7 @@ import torch
 
 from adaptive.interface import stack_states
 from pipelines.serve.frames import to_model_input
+from pipelines.serve.threads import name_os_thread
 
 StateArrays = dict[str, np.ndarray]
 
@@ -133,7 +134,8 @@ class StepEngine:
 def pass_in_thread(engine: StepEngine) -> Callable[[list[StepRequest]], Awaitable[list[StepResult]]]:
     """A pass function for :class:`StepBatcher`: ``engine.run`` in a thread of its own, so the event
     loop keeps receiving requests (they form the next batch) while a pass runs."""
-    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=name_os_thread,
+                                initargs=("model",))
 
     async def run(requests: list[StepRequest]) -> list[StepResult]:
         return await asyncio.get_running_loop().run_in_executor(thread, engine.run, requests)
@@ -153,9 +155,19 @@ class StepBatcher:
     time. Here a batch is cut only when a pass can start.
 
     ``run`` does the pass (:func:`pass_in_thread`, so that the loop keeps receiving requests meanwhile).
-    ``wait_s`` > 0 holds a batch's first request up to that long for others (latency for larger
-    batches). Requests whose caller gave up (cancelled) are left out of the pass.
+    Requests whose caller gave up (cancelled) are left out of the pass.
+
+    ``wait_s`` > 0: when requests come more often than that (a moving average of the time between
+    them), a pass that could start waits for company until its oldest request has waited ``wait_s``
+    (or the batch is full). A forward pass of a small model costs nearly as much for one frame as for
+    a few (the demo model on one CPU thread: about 5 ms for 1 frame, 8-9 ms for 3), so where frames
+    arrive one at a time -- many streams after early exits -- this turns passes of one into passes of
+    several for a little latency. A lone stream, or a few, never waits; under a load that keeps the
+    model busy, requests queue during the running pass anyway and nothing waits either.
     """
+
+    GAP_SMOOTHING = 0.1
+    """Weight of the newest gap in the moving average of the time between requests."""
 
     def __init__(self, run: Callable[[list[StepRequest]], Awaitable[list[StepResult]]], max_batch_size: int,
                  wait_s: float = 0.0, observe: Callable[[int, float], None] | None = None) -> None:
@@ -165,7 +177,10 @@ class StepBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.observe = observe
-        self._queue: deque[tuple[StepRequest, asyncio.Future[StepResult]]] = deque()
+        self.gap_s: float | None = None
+        """Moving average of the time between requests."""
+        self._last_arrival: float | None = None
+        self._queue: deque[tuple[StepRequest, asyncio.Future[StepResult], float]] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
 
@@ -174,16 +189,24 @@ class StepBatcher:
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._serve())
+        now = time.monotonic()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self.gap_s = gap if self.gap_s is None else self.gap_s + self.GAP_SMOOTHING * (gap - self.gap_s)
+        self._last_arrival = now
         future: asyncio.Future[StepResult] = loop.create_future()
-        self._queue.append((request, future))
+        self._queue.append((request, future, now))
         assert self._arrived is not None
         self._arrived.set()
         return await future
 
+    def _company_expected(self) -> bool:
+        return self.wait_s > 0 and self.gap_s is not None and self.gap_s < self.wait_s
+
     def _cut(self) -> list[tuple[StepRequest, asyncio.Future[StepResult]]]:
         batch = []
         while self._queue and len(batch) < self.max_batch_size:
-            request, future = self._queue.popleft()
+            request, future, _ = self._queue.popleft()
             if not future.done():  # a caller that gave up (timeout, stream closed) costs no compute
                 batch.append((request, future))
         return batch
@@ -194,8 +217,8 @@ class StepBatcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if self.wait_s > 0 and len(self._queue) < self.max_batch_size:
-                deadline = time.monotonic() + self.wait_s
+            if len(self._queue) < self.max_batch_size and self._company_expected():
+                deadline = self._queue[0][2] + self.wait_s
                 while len(self._queue) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     self._arrived.clear()
                     try:

@@ -55,7 +55,8 @@ from pipelines.serve.config import ConfigError, ServeConfig
 from pipelines.serve.engine import StepBatcher, StepRequest, StepResult
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
-from pipelines.serve.sources import ChunkPipe, SourceFrame, SourceOptions, SourceReader, open_pipe, open_url
+from pipelines.serve.sources import (ChunkPipe, KeyframeSkipper, SourceFrame, SourceOptions, SourceReader,
+                                     open_pipe, open_url)
 from pipelines.serve.stream import PULL, PUSH, FrameGate, StreamSession, TokenBucket, parse_settings
 
 logger = logging.getLogger("ray.serve")
@@ -408,6 +409,13 @@ class Ingress:
         self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received, *passed)
         return True
 
+    def _on_left_out(self, session: StreamSession, gate: FrameGate, media_time: float) -> None:
+        """Called in a reader thread for every packet its KeyframeSkipper leaves undecoded: the gate
+        counts it; once per heartbeat the count goes to the stream, as no frame does meanwhile."""
+        frames = gate.leave_out(media_time, time.monotonic())
+        if frames:
+            self.loop.call_soon_threadsafe(session.count_left_out, frames)
+
     @staticmethod
     def _offer_decoded(session: StreamSession, transform: FrameTransform, frame: SourceFrame,
                        received: float, skipped: int, previous_media: float | None) -> None:
@@ -455,7 +463,8 @@ class Ingress:
                               max_pixels=self.config.max_pixels,
                               reconnect_initial_s=options.reconnect_initial_s,
                               reconnect_max_s=options.reconnect_max_s,
-                              reconnect_attempts=options.reconnect_attempts)
+                              reconnect_attempts=options.reconnect_attempts,
+                              skipper=KeyframeSkipper(lambda: session.skip_hint, partial(self._on_left_out, session, gate)))
         self.readers[session.id] = reader
         reader.start()
 
@@ -961,7 +970,8 @@ class Ingress:
                                           partial(self._on_source_status, session, gate), name=f"{session.id}-ts",
                                           live=True, follow_clock=False, max_pixels=self.config.max_pixels,
                                           reconnect_initial_s=0.0, reconnect_max_s=0.0, reconnect_attempts=20,
-                                          exhausted=lambda: pipe.exhausted)
+                                          exhausted=lambda: pipe.exhausted,
+                                          skipper=KeyframeSkipper(lambda: session.skip_hint, partial(self._on_left_out, session, gate)))
             channel.reader.start()
         if not channel.pipe.feed(body):
             session.counters.drop("decoder_backlog")

@@ -2,10 +2,10 @@
 
 Each call is one frame of one stream with that stream's state (:class:`~pipelines.serve.engine.StepRequest`);
 :class:`~pipelines.serve.engine.StepBatcher` gathers the calls that arrive while the previous forward
-pass runs into the next one (``batch_wait_timeout_s = 0`` by default, so a lone stream never waits for
-company); the pass runs in a thread, so the replica keeps receiving requests meanwhile. Replicas are
-stateless with respect to streams; any number of them can serve,
-and Serve restarts (or autoscales) them without any stream noticing more than a retry.
+pass runs into the next one, and when frames come faster than ``batch_wait_timeout_s`` apart it waits
+that long for company (a lone stream never waits); the pass runs in a thread, so the replica keeps
+receiving requests meanwhile. Replicas are stateless with respect to streams; any number of them can
+serve, and Serve restarts (or autoscales) them without any stream noticing more than a retry.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ reconnects with exponential back-off; a file ends the stream at its end (or loop
 
 Push sources (MPEG-TS chunks over a WebSocket): the chunks go into a :class:`ChunkPipe`, a blocking
 file-like object the demuxer reads from, so chunk boundaries can fall anywhere.
+
+Both kinds leave undecoded the packets no wanted frame depends on (:class:`KeyframeSkipper`): after a
+window's early exit, the frames up to the last keyframe before the next window.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import io
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import av
+
+from pipelines.serve.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +146,94 @@ class ChunkPipe(io.RawIOBase):
         return len(self._buffer)
 
 
+class KeyframeSkipper:
+    """Leaves undecoded the packets that no wanted frame depends on.
+
+    After a window's early exit a stream wants no frame until the next window, yet H.264 without
+    B-frames (how cameras encode) makes every frame a reference for the next, so a decoder must decode
+    them all -- unless a keyframe comes first: decoding can start afresh there. So when the stream's
+    next wanted frame (``wanted()``: the media time of the last frame offered and the one from which
+    frames are wanted again, :attr:`StreamSession.skip_hint`) is not before the next keyframe, the
+    packets up to that keyframe are not decoded at all.
+
+    When the next keyframe comes is predicted from the keyframes seen: only for a source with a
+    regular keyframe interval (two equal intervals in a row; fixed-GOP encoders, as cameras are), and
+    only if that keyframe is due at the latest with the wanted frame (a camera whose GOP is as long as
+    the window -- 50 frames at 25 fps, a common camera default, and 2 s windows -- restarts decoding at
+    each window's first frame). A keyframe that fails to come forgets the interval until it is regular
+    again; the frames up to the next keyframe then cannot be decoded and are left out too (a window
+    samples a later frame). Sources whose frames are reordered (B-frames) always decode everything.
+    Used by one reader thread.
+    """
+
+    TOLERANCE_S = 0.002
+    """Timestamps' rounding: a keyframe due this close after the wanted frame counts as at it."""
+
+    def __init__(self, wanted: Callable[[], tuple[float, float] | None],
+                 left_out: Callable[[float], None] | None = None) -> None:
+        self.wanted = wanted
+        self.left_out = left_out
+        self.packets_left_out = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: a new clock and a new decoder."""
+        self.gop: float | None = None
+        self.last_key: float | None = None
+        self.intervals: deque[float] = deque(maxlen=2)
+        self.skipping = False  # packets were left out: nothing decodes cleanly before a keyframe
+        self.due: float | None = None  # the keyframe the current skipping counts on
+        self.last_time: float | None = None
+        self.reorders = False
+
+    def _keyframe(self, t: float) -> None:
+        if self.last_key is not None and t > self.last_key:
+            self.intervals.append(t - self.last_key)
+            a, b = (self.intervals[0], self.intervals[-1]) if len(self.intervals) == 2 else (0.0, -1.0)
+            self.gop = b if abs(a - b) <= 0.05 * b else None
+        self.last_key = t
+
+    def decode(self, t: float, keyframe: bool, reordered: bool) -> bool:
+        """Whether to decode the packet of media time ``t``; a packet left out is counted."""
+        if self.last_time is not None and t <= self.last_time:  # a discontinuity: a new clock
+            self.gop, self.last_key, self.due = None, None, None
+            self.intervals.clear()
+        self.last_time = t
+        self.reorders = self.reorders or reordered
+        if keyframe:
+            self._keyframe(t)
+            self.skipping = False
+        elif self.skipping:
+            if self.gop is not None and self.due is not None and t > self.due + 0.5 * self.gop:
+                self.gop = None  # the keyframe counted on did not come: the interval is not regular
+                self.intervals.clear()
+            return self._leave_out(t)
+        if self.reorders or self.gop is None or self.last_key is None:
+            return True
+        hint = self.wanted()
+        if hint is None or not hint[0] < t < hint[1]:
+            return True
+        due = self.last_key + self.gop * (int((t - self.last_key) / self.gop) + 1)
+        if due > hint[1] + self.TOLERANCE_S:
+            return True
+        self.skipping, self.due = True, due
+        return self._leave_out(t)
+
+    def _leave_out(self, t: float) -> bool:
+        self.packets_left_out += 1
+        if self.left_out is not None:
+            self.left_out(t)
+        return False
+
+
 class SourceReader(threading.Thread):
     """Decodes one source in a daemon thread until :meth:`stop` (see module docstring)."""
 
     def __init__(self, opener: Callable[[], Any], on_frame: FrameCallback, on_status: StatusCallback, *,
                  name: str, live: bool, follow_clock: bool, loop: bool = False, max_pixels: int = 3840 * 2160,
                  reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0, reconnect_attempts: int = 0,
-                 reconnect: bool = True, exhausted: Callable[[], bool] | None = None) -> None:
+                 reconnect: bool = True, exhausted: Callable[[], bool] | None = None,
+                 skipper: KeyframeSkipper | None = None) -> None:
         super().__init__(name=f"source-{name}", daemon=True)
         self._opener = opener
         self._on_frame = on_frame
@@ -161,6 +248,8 @@ class SourceReader(threading.Thread):
         self.reconnect_attempts = reconnect_attempts
         self.exhausted = exhausted
         """For pushed chunks: True once the client has finished and everything was read."""
+        self.skipper = skipper
+        """Leaves out packets no wanted frame depends on (None: decode every packet)."""
         self._halt = threading.Event()
         self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
         self.attempt_frames = 0
@@ -176,6 +265,7 @@ class SourceReader(threading.Thread):
         return self._halt.is_set()
 
     def run(self) -> None:
+        name_os_thread("src:" + self.name.removeprefix("source-"))
         failures = 0
         delay = self.reconnect_initial_s
         status = "connecting"
@@ -245,10 +335,17 @@ class SourceReader(threading.Thread):
             size = f"{ctx.width}x{ctx.height}" if ctx.width else "size from the first keyframe"
             self._on_status("connected", f"{ctx.name} {size} @ {fps:.3g} fps", 0)
             self._clock = None  # a new connection starts a new media clock
+            skipper = self.skipper
+            if skipper is not None:
+                skipper.reset()
             undecodable = 0
             for packet in container.demux(stream):
                 if self._halt.is_set():
                     break
+                if skipper is not None and packet.pts is not None and packet.time_base is not None:
+                    reordered = bool(ctx.has_b_frames) or (packet.dts is not None and packet.dts != packet.pts)
+                    if not skipper.decode(float(packet.pts * packet.time_base), packet.is_keyframe, reordered):
+                        continue
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as error:

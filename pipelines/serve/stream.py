@@ -297,6 +297,14 @@ class StreamSession:
             return window, {"window": window, "steps": int(record.get("steps", 0))}
         return window + 1, None
 
+    def count_left_out(self, frames: int) -> None:
+        """Frames a source reader left out on its own (not decoded, :class:`FrameGate`): received all
+        the same, so the counters, the input fps and the idle timer stay current."""
+        now = time.monotonic()
+        self.counters.frames_received += frames
+        self.fps_in.tick(now, frames)
+        self.last_activity = now
+
     # ------------------------------------------------------------------ budget
     @property
     def choice(self) -> ExitChoice:
@@ -650,12 +658,12 @@ class FrameGate:
     frame just before it (the windower estimates the source's frame interval from it).
 
     Always go through: frames without a timestamp, frames at or before the last one offered (a
-    timestamp reset or a discontinuity: the session's clock sorts them out), and one frame a second
-    whatever the hint (the stream's counters, fps and idle timer stay current). A hint a few frames
+    timestamp reset or a discontinuity: the session's clock sorts them out), and one frame every
+    ``HEARTBEAT_S`` whatever the hint (the stream's counters, fps and idle timer stay current). A hint a few frames
     stale only lets more through. Used by one reader thread only.
     """
 
-    HEARTBEAT_S = 1.0
+    HEARTBEAT_S = 0.5
 
     def __init__(self, session: "StreamSession") -> None:
         self.session = session
@@ -675,6 +683,18 @@ class FrameGate:
         self.passed_at = now
         skipped, self.skipped = self.skipped, 0
         return skipped, (before if skipped else None)
+
+    def leave_out(self, media_time: float | None, now: float) -> int:
+        """A frame left out before decoding (:class:`~pipelines.serve.sources.KeyframeSkipper`): counted
+        like the frames this gate leaves out. No frame goes through while packets are left undecoded,
+        so once per heartbeat this returns the frames left out so far (and forgets them) for the reader
+        to report on their own; 0 otherwise."""
+        self.skipped += 1
+        self.last_media = media_time
+        if now - self.passed_at < self.HEARTBEAT_S:
+            return 0
+        self.passed_at = now
+        return self.flush()
 
     def flush(self) -> int:
         """Frames left out and not reported yet (when the source ends or reconnects)."""
