@@ -278,6 +278,8 @@ class Trial:
     """Server CPU (proxy + replicas) per second of one stream, over the measured period."""
     cpu_parts: dict[str, float] = field(default_factory=dict)
     """The same by part (see :func:`serve_cpu_seconds`)."""
+    loop_lag_ms: dict[str, Any] = field(default_factory=dict)
+    """The ingress' event loop lag over the last 10 s of the trial (``/v1/info``): p50, p90, max."""
     breakdown: dict[str, float] = field(default_factory=dict)
     """Median latency parts (push): queue (waiting for the stream's worker), decode, step."""
     latencies: list[float] = field(default_factory=list, repr=False)
@@ -288,7 +290,8 @@ class Trial:
         return (f"{self.transport:4s} {self.budget:>6s} {self.streams:5d}  {ok:28s} server p50 "
                 f"{self.server_p50:7.1f} ms p99 {self.server_p99:7.1f} ms | CPU {self.cpu_ms_per_stream_s:5.1f} "
                 f"ms/stream/s | steps {self.steps:6d} windows {self.windows:5d} exits {self.exits:5d} "
-                f"dropped {self.dropped}/{self.sampled}")
+                f"dropped {self.dropped}/{self.sampled} | loop lag p50 {self.loop_lag_ms.get('p50')} "
+                f"max {self.loop_lag_ms.get('max')} ms")
 
 
 async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
@@ -368,6 +371,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                 pass
     cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.time() - measure_from) \
         if measure_from is not None else {}
+    lag = await asyncio.get_running_loop().run_in_executor(None, loop_lag, base_url)
     await asyncio.sleep(1.0)  # let the last sampled frames come back
     for ws, task in connections:
         try:
@@ -389,7 +393,8 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                     breakdown.setdefault(k, []).append(v)
                 breakdown.setdefault("batch", []).append(e.get("batch_size") or 0)
     server_lat, client_lat = [], []
-    sampled = dropped = steps = windows = exits = 0
+    sampled = steps = windows = exits = 0
+    drops: dict[str, int] = {}  # frames dropped, by reason
     for s in stats:
         measured = [e for e in s.events if e.get("type") == "prediction" and e.get("latency_ms") is not None
                     and measure_from is not None and e["time"] >= measure_from]
@@ -405,19 +410,20 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
         if ended:
             sampled += ended["counters"]["frames_sampled"]
-            dropped += ended["counters"]["frames_dropped"]
+            for reason, n in ended["counters"]["dropped"].items():
+                drops[reason] = drops.get(reason, 0) + n
     p50, p99 = percentile(server_lat, 50), percentile(server_lat, 99)
-    reasons = judge(limits, p50=p50, p99=p99, sampled=sampled, dropped=dropped, have_results=bool(server_lat))
+    reasons = judge(limits, p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(server_lat))
     if lag > max(0.5, 5 * interval):
         reasons.append(f"generator {lag:.1f} s behind")
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, percentile(client_lat, 50),
-                 percentile(client_lat, 99), sampled, dropped, steps, windows, exits, lag,
+                 percentile(client_lat, 99), sampled, sum(drops.values()), steps, windows, exits, lag,
                  cpu_ms_per_stream_s=sum(cpu_parts.values()) if cpu_parts else float("nan"), cpu_parts=cpu_parts,
-                 breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
+                 loop_lag_ms=lag, breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
                  latencies=server_lat)
 
 
-def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dropped: int,
+def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dropped: dict[str, int],
           have_results: bool) -> list[str]:
     """Why a trial is not sustained (empty: it is). The server keeps up when the median frame is done
     before the next one is due (latency p50 under the sampling interval) and the sampled frames are not
@@ -425,8 +431,10 @@ def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dro
     reasons = []
     if not have_results:
         reasons.append("no results")
-    if sampled and dropped > limits["max_drop"] * sampled:
-        reasons.append(f"{dropped} of {sampled} sampled frames dropped")
+    total = sum(dropped.values())
+    if sampled and total > limits["max_drop"] * sampled:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]) if n)
+        reasons.append(f"{total} of {sampled} sampled frames dropped: {why}")
     if p50 > limits["max_p50_ms"]:
         reasons.append(f"p50 {p50:.0f} ms")
     if limits.get("max_p99_ms") and p99 > limits["max_p99_ms"]:
@@ -445,7 +453,8 @@ def mpegts_bytes(frames: list[np.ndarray], fps: float, gop: int = 50) -> tuple[b
         out = dst.add_stream("libx264", rate=rate)
         out.height, out.width = frames[0].shape[:2]
         out.pix_fmt = "yuv420p"
-        out.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "bf": "0", "crf": "18", "sc_threshold": "0"}
+        out.options = {"preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0",
+                       "crf": "18"}
         for i, rgb in enumerate(frames):
             image = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
             image.pts, image.time_base = i, 1 / rate
@@ -499,6 +508,15 @@ def free_udp_ports(count: int) -> list[int]:
     return ports
 
 
+def loop_lag(base_url: str) -> dict[str, Any]:
+    """The ingress' event loop lag (p50, p90, max in ms over its last 10 s): whether the one loop every
+    stream shares was keeping up; {} if it cannot be read."""
+    try:
+        return HTTP.get(f"{base_url}/v1/info", timeout=30).json().get("event_loop_lag_ms") or {}
+    except (requests.RequestException, ValueError):
+        return {}
+
+
 def _summaries(base_url: str) -> dict[str, dict]:
     return {s["stream_id"]: s for s in HTTP.get(f"{base_url}/v1/streams", timeout=30).json()["streams"]}
 
@@ -528,6 +546,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     before: dict[str, dict] = {}
     after: dict[str, dict] = {}
     cpu_parts: dict[str, float] = {}
+    lag: dict[str, Any] = {}
     try:
         await loop.run_in_executor(None, create)
         await asyncio.sleep(args.warmup)
@@ -536,6 +555,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         await asyncio.sleep(args.duration)
         cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.monotonic() - measured_from)
         after = await loop.run_in_executor(None, _summaries, base_url)
+        lag = await loop.run_in_executor(None, loop_lag, base_url)
     except (requests.RequestException, ValueError, KeyError) as error:
         # An overloaded server whose API stops answering has not sustained this load.
         unresponsive = f"API unresponsive ({type(error).__name__})"
@@ -548,7 +568,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         return Trial(n, budget, False, unresponsive, float("nan"), float("nan"), float("nan"), float("nan"),
                      0, 0, 0, 0, 0, sender.late)
 
-    sampled = dropped = steps = windows = exits = 0
+    sampled = steps = windows = exits = 0
+    drops: dict[str, int] = {}  # frames dropped, by reason
     p50s, p99s, fps = [], [], []
     missing = 0
     for sid in ids:
@@ -558,7 +579,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
             continue
         ca, cb = a["counters"], b["counters"]
         sampled += cb["frames_sampled"] - ca["frames_sampled"]
-        dropped += cb["frames_dropped"] - ca["frames_dropped"]
+        for reason, n in cb["dropped"].items():
+            drops[reason] = drops.get(reason, 0) + n - ca["dropped"].get(reason, 0)
         # Windows that ended in the interval and their steps: begun-window counts would miscount the
         # windows that straddle its ends (with 2 s windows and 5 s trials, by up to a third).
         steps += cb["steps_done"] - ca["steps_done"]
@@ -570,7 +592,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
             p99s.append(b["latency_ms"]["p99"])
     p50 = float(np.median(p50s)) if p50s else float("nan")
     p99 = max(p99s) if p99s else float("nan")
-    reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=dropped, have_results=bool(p50s))
+    reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(p50s))
     if missing:
         reasons.append(f"{missing} streams not live")
     # UDP is paced by bytes, so over a few seconds a stream can run a little under its frame rate;
@@ -579,8 +601,9 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         reasons.append(f"decoded {min(fps):.1f} fps")
     if sender.late > 1.0:
         reasons.append(f"sender {sender.late:.1f} s behind")
-    return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled, dropped,
-                 steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()), cpu_parts=cpu_parts)
+    return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled,
+                 sum(drops.values()), steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()),
+                 cpu_parts=cpu_parts, loop_lag_ms=lag)
 
 
 def limits_of(args: argparse.Namespace) -> dict[str, float]:

@@ -372,6 +372,25 @@ def test_batcher_waits_for_company_only_when_requests_come_faster_than_the_wait(
     assert [len(b) for b in batches] == [1] * 20
 
 
+def test_loop_lag_sees_a_blocked_event_loop():
+    from pipelines.serve.metrics import LoopLag
+
+    async def scenario() -> tuple[dict, dict]:
+        lag = LoopLag(interval=0.02, horizon=1.0)
+        probe = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.2)
+        quiet = lag.summary()
+        time.sleep(0.3)  # a callback that holds the loop, as a busy ingress does
+        await asyncio.sleep(0.1)
+        busy = lag.summary()
+        probe.cancel()
+        return quiet, busy
+
+    assert LoopLag().summary() == {"p50": None, "p90": None, "max": None}
+    quiet, busy = asyncio.run(scenario())
+    assert quiet["max"] < 200 and busy["max"] >= 250 and busy["p50"] < 200
+
+
 # ----------------------------------------------------------------------------------------- events
 def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
     async def scenario():

@@ -321,6 +321,8 @@ def test_health_info_openapi_and_auth(server):
     assert info["data_plane"] == ({"http": "haproxy", "handles": "grpc"} if expected
                                   else {"http": "python_proxy", "handles": "ray_actor_calls"})
     assert info["budget"]["gflops"] == pytest.approx(3 * server.registered["step_gflops"])
+    lag = info["event_loop_lag_ms"]  # sampled every 0.1 s since the replica started
+    assert lag["p50"] is not None and 0 <= lag["p50"] <= lag["p90"] <= lag["max"]
     spec = server.get("/openapi.json").json()
     for path in ("/v1/streams", "/v1/streams/{stream_id}", "/v1/streams/{stream_id}/events", "/v1/budget"):
         assert path in spec["paths"], path

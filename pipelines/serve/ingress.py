@@ -294,10 +294,12 @@ class Ingress:
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
         self._sync_wakeup = asyncio.Event()
-        from pipelines.serve.metrics import ServeMetrics
+        from pipelines.serve.metrics import LoopLag, ServeMetrics
 
         self.metrics = ServeMetrics()
-        self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop())]
+        self.loop_lag = LoopLag()
+        self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop()),
+                       self.loop.create_task(self.loop_lag.run())]
 
     def _load_local_model(self) -> dict[str, Any]:
         """``colocate_model``: the model lives in this replica (see ServeConfig.colocate_model)."""
@@ -409,6 +411,10 @@ class Ingress:
         self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received, *passed)
         return True
 
+    def _skipper(self, session: StreamSession, gate: FrameGate) -> KeyframeSkipper:
+        """Leaves undecoded the packets after an exit that no wanted frame needs (see sources.py)."""
+        return KeyframeSkipper(lambda: session.skip_hint, partial(self._on_left_out, session, gate))
+
     def _on_left_out(self, session: StreamSession, gate: FrameGate, media_time: float) -> None:
         """Called in a reader thread for every packet its KeyframeSkipper leaves undecoded: the gate
         counts it; once per heartbeat the count goes to the stream, as no frame does meanwhile."""
@@ -464,7 +470,7 @@ class Ingress:
                               reconnect_initial_s=options.reconnect_initial_s,
                               reconnect_max_s=options.reconnect_max_s,
                               reconnect_attempts=options.reconnect_attempts,
-                              skipper=KeyframeSkipper(lambda: session.skip_hint, partial(self._on_left_out, session, gate)))
+                              skipper=self._skipper(session, gate))
         self.readers[session.id] = reader
         reader.start()
 
@@ -570,7 +576,7 @@ class Ingress:
             await asyncio.sleep(1.0)
             try:
                 now = time.monotonic()
-                self.metrics.publish(self.sessions.values())
+                self.metrics.publish(self.sessions.values(), self.loop_lag)
                 for session in list(self.sessions.values()):
                     if now - session.last_activity > self.config.idle_timeout_s and not session.busy:
                         await self._evict(session)
@@ -622,6 +628,7 @@ class Ingress:
                        "api_requests_per_s": cfg.api_requests_per_s, "idle_timeout_s": cfg.idle_timeout_s},
             "auth": bool(cfg.auth_token), "replica": self.replica, "recognizer_replica": self.meta.get("replica"),
             "data_plane": serve_data_plane(),
+            "streams": len(self.sessions), "event_loop_lag_ms": self.loop_lag.summary(),
         }
 
     @api.get("/v1/budget", tags=["budget"], summary="The server-wide default budget")
@@ -970,8 +977,7 @@ class Ingress:
                                           partial(self._on_source_status, session, gate), name=f"{session.id}-ts",
                                           live=True, follow_clock=False, max_pixels=self.config.max_pixels,
                                           reconnect_initial_s=0.0, reconnect_max_s=0.0, reconnect_attempts=20,
-                                          exhausted=lambda: pipe.exhausted,
-                                          skipper=KeyframeSkipper(lambda: session.skip_hint, partial(self._on_left_out, session, gate)))
+                                          exhausted=lambda: pipe.exhausted, skipper=self._skipper(session, gate))
             channel.reader.start()
         if not channel.pipe.feed(body):
             session.counters.drop("decoder_backlog")

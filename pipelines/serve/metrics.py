@@ -11,7 +11,8 @@ and ``..._p99_ms`` (frame in -> event out over the last 10 s), ``adastream_frame
 ``adastream_windows_total``, ``adastream_exits_total``, ``adastream_gflops_spent_total``,
 ``adastream_gflops_saved_total`` (what early exit did not spend: the window's remaining frames).
 Replica-wide: ``adastream_frame_latency_ms`` (histogram, for p50/p99 with ``histogram_quantile``),
-``adastream_active_streams``, ``adastream_recognizer_retries_total``; on the recognizer
+``adastream_active_streams``, ``adastream_recognizer_retries_total``,
+``adastream_event_loop_lag_p50_ms`` and ``..._max_ms`` (:class:`LoopLag`); on the recognizer
 ``adastream_batch_size`` (histogram) and ``adastream_batch_latency_ms``.
 
 Streams update plain counters as they go; :meth:`ServeMetrics.publish` turns them into metric updates
@@ -20,11 +21,42 @@ once a second (deltas for counters), so the per-frame path never touches the met
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class LoopLag:
+    """How late an event loop runs what is due: :meth:`run` sleeps ``interval`` again and again and
+    records how much longer each sleep took. On the ingress every stream's frames, steps, events and
+    WebSocket messages wait on the one loop, so this is the replica's saturation signal: a lag that
+    grows towards the sampling interval (250 ms for the demo) means frames queue and get dropped.
+    Over the last ``horizon`` seconds."""
+
+    def __init__(self, interval: float = 0.1, horizon: float = 10.0) -> None:
+        self.interval = interval
+        self._lags: deque[float] = deque(maxlen=max(1, int(horizon / interval)))
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(self.interval)
+            self._lags.append(max(0.0, time.monotonic() - started - self.interval))
+
+    def summary(self) -> dict[str, float | None]:
+        """p50, p90 and max in ms (None before the first sample)."""
+        if not self._lags:
+            return {"p50": None, "p90": None, "max": None}
+        lags = np.asarray(self._lags) * 1e3
+        return {"p50": round(float(np.percentile(lags, 50)), 2), "p90": round(float(np.percentile(lags, 90)), 2),
+                "max": round(float(lags.max()), 2)}
 
 
 @dataclass
@@ -55,12 +87,18 @@ class ServeMetrics:
         self.latency = Histogram("adastream_frame_latency_ms", "Frame latency: arrival -> prediction event",
                                  LATENCY_BOUNDARIES_MS)
         self.active = Gauge("adastream_active_streams", "Streams on this ingress replica")
+        self.lag_p50 = Gauge("adastream_event_loop_lag_p50_ms", "Median event loop lag over the last 10 s")
+        self.lag_max = Gauge("adastream_event_loop_lag_max_ms", "Largest event loop lag over the last 10 s")
         self._published: dict[str, _Published] = {}
 
-    def publish(self, sessions: Iterable[Any]) -> None:
+    def publish(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> None:
         """Push every stream's counters and gauges (call about once a second)."""
         sessions = list(sessions)
         self.active.set(float(len(sessions)))
+        lag = loop_lag.summary() if loop_lag is not None else {}
+        if lag.get("p50") is not None:
+            self.lag_p50.set(float(lag["p50"]))
+            self.lag_max.set(float(lag["max"]))
         live = set()
         for s in sessions:
             live.add(s.id)

@@ -659,8 +659,8 @@ class FrameGate:
 
     Always go through: frames without a timestamp, frames at or before the last one offered (a
     timestamp reset or a discontinuity: the session's clock sorts them out), and one frame every
-    ``HEARTBEAT_S`` whatever the hint (the stream's counters, fps and idle timer stay current). A hint a few frames
-    stale only lets more through. Used by one reader thread only.
+    ``HEARTBEAT_S`` whatever the hint (the stream's counters, fps and idle timer stay current). A
+    hint a few frames stale only lets more through. Used by one reader thread only.
     """
 
     HEARTBEAT_S = 0.5
