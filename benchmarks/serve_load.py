@@ -371,7 +371,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                 pass
     cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.time() - measure_from) \
         if measure_from is not None else {}
-    lag = await asyncio.get_running_loop().run_in_executor(None, loop_lag, base_url)
+    ingress_lag = await asyncio.get_running_loop().run_in_executor(None, loop_lag, base_url)
     await asyncio.sleep(1.0)  # let the last sampled frames come back
     for ws, task in connections:
         try:
@@ -410,8 +410,8 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
         if ended:
             sampled += ended["counters"]["frames_sampled"]
-            for reason, n in ended["counters"]["dropped"].items():
-                drops[reason] = drops.get(reason, 0) + n
+            for reason, count in ended["counters"]["dropped"].items():
+                drops[reason] = drops.get(reason, 0) + count
     p50, p99 = percentile(server_lat, 50), percentile(server_lat, 99)
     reasons = judge(limits, p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(server_lat))
     if lag > max(0.5, 5 * interval):
@@ -419,7 +419,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, percentile(client_lat, 50),
                  percentile(client_lat, 99), sampled, sum(drops.values()), steps, windows, exits, lag,
                  cpu_ms_per_stream_s=sum(cpu_parts.values()) if cpu_parts else float("nan"), cpu_parts=cpu_parts,
-                 loop_lag_ms=lag, breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
+                 loop_lag_ms=ingress_lag, breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
                  latencies=server_lat)
 
 
@@ -433,7 +433,7 @@ def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dro
         reasons.append("no results")
     total = sum(dropped.values())
     if sampled and total > limits["max_drop"] * sampled:
-        why = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]) if n)
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items(), key=lambda kv: -kv[1]) if count)
         reasons.append(f"{total} of {sampled} sampled frames dropped: {why}")
     if p50 > limits["max_p50_ms"]:
         reasons.append(f"p50 {p50:.0f} ms")
@@ -579,8 +579,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
             continue
         ca, cb = a["counters"], b["counters"]
         sampled += cb["frames_sampled"] - ca["frames_sampled"]
-        for reason, n in cb["dropped"].items():
-            drops[reason] = drops.get(reason, 0) + n - ca["dropped"].get(reason, 0)
+        for reason, count in cb["dropped"].items():
+            drops[reason] = drops.get(reason, 0) + count - ca["dropped"].get(reason, 0)
         # Windows that ended in the interval and their steps: begun-window counts would miscount the
         # windows that straddle its ends (with 2 s windows and 5 s trials, by up to a third).
         steps += cb["steps_done"] - ca["steps_done"]
