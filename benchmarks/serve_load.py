@@ -433,7 +433,8 @@ def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dro
         reasons.append("no results")
     total = sum(dropped.values())
     if sampled and total > limits["max_drop"] * sampled:
-        why = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items(), key=lambda kv: -kv[1]) if count)
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(dropped.items(), key=lambda kv: -kv[1])
+                        if count)
         reasons.append(f"{total} of {sampled} sampled frames dropped: {why}")
     if p50 > limits["max_p50_ms"]:
         reasons.append(f"p50 {p50:.0f} ms")
@@ -939,8 +940,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"streams), {full_cpu.cpu_ms_per_stream_s:.1f} ms/s without ({full_cpu.streams} streams) -> "
                 f"{cpu_ratio:.2f}x the streams per core with early exit ({1e3 / exit_cpu.cpu_ms_per_stream_s:.0f} "
                 f"vs {1e3 / full_cpu.cpu_ms_per_stream_s:.0f} per fully used core)")
-            # Where it goes: early exit shrinks the recognizer's part (and the ingress' per-step work);
-            # the sources' part is every frame's demuxing and decoding.
+            # Where it goes: early exit shrinks the per-step parts (model, recognizer, the ingress' share);
+            # the sources' part is every frame's receiving and demuxing, and decoding up to the exit.
             for part in CPU_PARTS:
                 log(f"    {part:10s} {exit_cpu.cpu_parts.get(part, float('nan')):6.2f} ms/s with exit, "
                     f"{full_cpu.cpu_parts.get(part, float('nan')):6.2f} without")
