@@ -587,7 +587,10 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         steps += cb["steps_done"] - ca["steps_done"]
         windows += cb["windows_done"] - ca["windows_done"]
         exits += cb["exits"] - ca["exits"]
-        fps.append((cb["frames_received"] - ca["frames_received"]) / args.duration)
+        # Over the interval between the two snapshots: with several ingress replicas, a stream another
+        # replica serves is reported as of its owner's last sync to the directory.
+        interval = (b.get("as_of") or 0) - (a.get("as_of") or 0)
+        fps.append((cb["frames_received"] - ca["frames_received"]) / (interval if interval > 1 else args.duration))
         if b["latency_ms"]["p50"] is not None:
             p50s.append(b["latency_ms"]["p50"])
             p99s.append(b["latency_ms"]["p99"])
@@ -765,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-p99-ms", type=float, default=None, help="also require this p99 (default: none)")
     parser.add_argument("--max-drop", type=float, default=0.02, help="largest share of sampled frames dropped")
     parser.add_argument("--colocate", action="store_true", help="run the capacity search with colocate_model=true")
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="ingress replicas of the capacity search (ServeConfig.ingress_replicas): processes "
+                             "that share the streams' decoding, WebSockets and event loops")
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
                              "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
@@ -848,13 +854,14 @@ def main(argv: list[str] | None = None) -> int:
                            window_seconds=args.window_seconds, max_streams=4 * args.max_streams,
                            max_fps_in=10 * args.fps, api_requests_per_s=10000, api_burst=10000, idle_timeout_s=120,
                            emit="steps", colocate_model=colocate, auth_token=token,
+                           ingress_replicas=args.ingress_replicas if prefix == "/" else 1,
                            high_throughput="true" if args.high_throughput else "false")
 
     config = start(serve_config(args.colocate))
     base = config.url
     info = HTTP.get(base + "/v1/info", timeout=30).json()
     log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}); "
-        f"replicas {info['replica']}, {info['recognizer_replica']}")
+        f"{args.ingress_replicas} ingress replica(s), e.g. {info['replica']}; recognizer {info['recognizer_replica']}")
 
     trials: list[Trial] = []
 

@@ -414,6 +414,51 @@ def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
     assert rest == [2, 3] and end is None  # the oldest was dropped, order is kept, then the end
 
 
+def test_directory_relays_a_watched_streams_events_and_forwards_changes():
+    """Two ingress replicas: a client of replica B watches a stream replica A serves. A learns it is
+    watched (from the seq the client has seen), forwards its events, B's client gets them in order and
+    then the end; a change asked at B reaches A; a stale copy of a stream taken over is reported lost."""
+    from pipelines.serve.directory import StreamDirectory
+
+    async def scenario():
+        directory = StreamDirectory.func_or_class(stale_after_s=5.0)
+        record = {"stream_id": "cam", "kind": "pull", "updated": time.time()}
+        assert (await directory.sync("A", [record], []))["watched"] == {}
+        assert await directory.watch("nobody", 0, 0.01) is None
+        # B's client has seen events up to 2; nothing relayed yet: the watch times out empty.
+        empty = await directory.watch("cam", 2, 0.05)
+        assert empty["events"] == [] and not empty["ended"] and empty["owner"] == "A"
+        assert (await directory.sync("A", [], []))["watched"] == {"cam": 2}
+        # A forwards from its ring (it subscribed after seq 2) while a watch waits for them.
+        waiting = asyncio.ensure_future(directory.watch("cam", 2, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert await directory.relay("A", {"cam": [(3, "prediction", "{}"), (4, "prediction", "{}")]}, []) \
+            == {"cam": 2}
+        got = await asyncio.wait_for(waiting, 1.0)
+        assert [e[0] for e in got["events"]] == [3, 4]
+        # A resent event is kept once; the end comes after the last event.
+        await directory.relay("A", {"cam": [(4, "prediction", "{}"), (5, "stream_ended", "{}")]}, ["cam"])
+        last = await directory.watch("cam", 4, 0.05)
+        assert [e[0] for e in last["events"]] == [5]
+        assert (await directory.watch("cam", 5, 0.05))["ended"]
+        assert (await directory.sync("A", [], ["cam"]))["watched"] == {}  # not watched once ended
+
+        # A change requested through B goes to the owner with its next sync, once.
+        await directory.sync("A", [dict(record, stream_id="cam2", kind="push")], [])
+        assert await directory.request_patch("cam2", {"budget": "full"})
+        assert not await directory.request_patch("nope", {"budget": "full"})
+        assert (await directory.sync("A", [], []))["patch"] == {"cam2": {"budget": "full"}}
+        assert (await directory.sync("A", [], []))["patch"] == {}
+        # B takes cam2 over (a reconnecting client); A's older report of it is refused and reported lost.
+        await directory.sync("B", [], [])
+        await directory.claim("cam2", "B")
+        reply = await directory.sync("A", [dict(record, stream_id="cam2", kind="push", updated=time.time() - 10)], [])
+        assert reply["lost"] == ["cam2"] and (await directory.get("cam2"))["owner"] == "B"
+
+    asyncio.run(scenario())
+
+
 # ----------------------------------------------------------------------------------------- config
 def test_config_needs_a_token_beyond_loopback(monkeypatch):
     monkeypatch.delenv("ADASTREAM_TOKEN", raising=False)

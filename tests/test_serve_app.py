@@ -786,10 +786,11 @@ def test_killed_replicas_lose_no_stream_and_mix_none_up(server, shared_video_pat
         def adopted() -> bool:
             try:
                 summary = server.get("/v1/streams/kill-pull").json()
-            except (requests.RequestException, ValueError):
+                replica = server.info()["replica"]
+            except (requests.RequestException, ValueError, KeyError):
                 return False
-            # A summary with an "owner" is the directory's record of a stream served elsewhere.
-            return "owner" not in summary and summary.get("status") == "live" \
+            # Served by the replica that answers (the new one), not the directory's record of the old one.
+            return summary.get("owner") == replica != info["replica"] and summary.get("status") == "live" \
                 and summary.get("counters", {}).get("steps", 0) > 0
 
         _wait(adopted, 60, "the pulled stream to be taken over")
@@ -885,6 +886,87 @@ def test_model_colocated_in_the_ingress(server, shared_video_paths, reference):
         assert check_against_reference(reference, result.events, messages, fps) >= 6
     finally:
         serve.delete("adastream-colocated")
+
+
+def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared_video_paths):
+    """ingress_replicas=2: pulled streams spread over both replicas, and whichever replica a request
+    lands on answers for every stream -- its status, its server-sent events (relayed from the replica
+    serving it, in order, to the end), a change of budget and a deletion (202, carried out by the
+    owner)."""
+    from ray import serve
+
+    from pipelines.serve import ServeConfig, start
+    from pipelines.stream_client import iter_sse
+
+    config = start(ServeConfig(port=server.config.port, app_name="adastream-replicas", route_prefix="/replicas",
+                               model_uri=server.registered["model_uri"], tracking_uri=server.registered["tracking_uri"],
+                               auth_token=TOKEN, window_seconds=WINDOW_S, colocate_model=True, ingress_replicas=2,
+                               ingress_cpus=0.25, sync_interval_s=0.5, api_requests_per_s=500, api_burst=1000))
+    url = config.url
+    video = next(p for p in shared_video_paths if p.name == "demo.mp4")
+    try:
+        owners: dict[str, str] = {}
+        for i in range(12):  # until both replicas serve a stream (requests land on either)
+            reply = requests.post(f"{url}/v1/streams", headers=AUTH, timeout=30,
+                                  json={"source": str(video), "stream_id": f"rep-{i}", "loop": True})
+            assert reply.status_code == 201, reply.text
+            owners[f"rep-{i}"] = reply.json()["owner"]
+            if len(set(owners.values())) == 2 and i >= 2:
+                break
+        assert len(set(owners.values())) == 2, owners
+
+        def listed() -> dict[str, dict]:
+            return {s["stream_id"]: s for s in requests.get(f"{url}/v1/streams", headers=AUTH, timeout=30)
+                    .json()["streams"]}
+
+        _wait(lambda: all(sid in listed() for sid in owners), 10, "every stream listed by either replica")
+        for sid, owner in owners.items():
+            assert requests.get(f"{url}/v1/streams/{sid}", headers=AUTH, timeout=30).json()["owner"] == owner
+
+        # Server-sent events from the replica that does not serve the stream: relayed.
+        target = "rep-0"
+        events: list[dict] = []
+        relayed = False
+        for _ in range(30):
+            response = requests.get(f"{url}/v1/streams/{target}/events", headers=AUTH, stream=True, timeout=60)
+            assert response.status_code == 200
+            lines = response.iter_lines(decode_unicode=True)
+            if "relayed" in next(lines):
+                relayed = True
+                break
+            response.close()
+        assert relayed, "no events request landed on the other replica"
+        reader = threading.Thread(target=lambda: events.extend(iter_sse(lines)), daemon=True)
+        reader.start()
+        _wait(lambda: sum(e["type"] == "prediction" and e["final"] for e in events) >= 2, 30,
+              "window results relayed from the other replica")
+
+        # A change of budget asked at the replica that does not serve the stream. (HAProxy sends a new
+        # connection to the replica with fewer: while the relayed events hold one on the other replica,
+        # that is the replica serving ``target`` -- so change a stream of the other one.)
+        changed = next(sid for sid, owner in owners.items() if owner != owners[target])
+        for _ in range(30):
+            reply = requests.patch(f"{url}/v1/streams/{changed}", headers=AUTH, json={"budget": "full"}, timeout=30)
+            assert reply.status_code in (200, 202), reply.text
+            if reply.status_code == 202:
+                break
+        assert reply.status_code == 202 and reply.json()["owner"] == owners[changed]
+        _wait(lambda: listed()[changed]["settings"]["budget"] == "full", 10, "the owner applied the change")
+        bad = requests.patch(f"{url}/v1/streams/{changed}", headers=AUTH, json={"budget": "lots"}, timeout=30)
+        assert bad.status_code == 422
+
+        # Deleting every stream, wherever the request lands; the relayed events end with the stream.
+        for sid in owners:
+            assert requests.delete(f"{url}/v1/streams/{sid}", headers=AUTH, timeout=30).status_code in (202, 204)
+        reader.join(15)
+        assert not reader.is_alive() and events[-1]["type"] == "stream_ended"
+        check_predictions(events, target, server.registered["step_gflops"])
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs)), "relayed events out of order or repeated"
+        _wait(lambda: all(s["status"] != "live" for sid, s in listed().items() if sid in owners), 10,
+              "every stream stopped")
+    finally:
+        serve.delete("adastream-replicas")
 
 
 def test_idle_streams_are_evicted(server):

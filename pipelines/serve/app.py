@@ -61,7 +61,7 @@ def build_app(config: ServeConfig) -> Any:
     directory = StreamDirectory.options().bind(stale_after_s=3 * config.sync_interval_s + 2.0,
                                                forget_after_s=max(300.0, config.idle_timeout_s))
     ingress = Ingress.options(
-        num_replicas=1,
+        num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_cpus},
         # Every WebSocket and SSE client is an ongoing request for as long as it stays connected.
         max_ongoing_requests=4 * config.max_streams + 100,

@@ -98,6 +98,11 @@ class ServeConfig:
     recognizer_cpus: float = 1.0
     recognizer_gpus: float = 0.0
     torch_threads: int = 1
+    ingress_replicas: int = 1
+    """Ingress replicas (processes) sharing the streams: each decodes its own pulled sources and holds
+    its own WebSockets, so more of them spread the per-frame work over more cores (and nodes). A client
+    request lands on any replica; one about a stream another replica serves is answered from the
+    stream directory (status), forwarded (PATCH, DELETE: 202) or relayed (server-sent events)."""
     ingress_cpus: float = 0.5
     step_timeout_s: float = 20.0
     """A step that takes longer is retried (its replica is presumed lost)."""
@@ -171,7 +176,7 @@ class ServeConfig:
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         positive = ("max_batch_size", "max_streams", "queue_frames", "max_message_bytes", "max_pixels",
-                    "max_fps_in", "top_k", "recognizer_replicas", "torch_threads", "event_buffer")
+                    "max_fps_in", "top_k", "recognizer_replicas", "ingress_replicas", "torch_threads", "event_buffer")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -61,6 +61,23 @@ class Subscriber:
             return self._log.make("lagged", {"lost_events": lost}, record=False)
         return event
 
+    def drain(self) -> tuple[list[Event], bool]:
+        """Without waiting: the events queued so far, and whether the stream's events have ended.
+        Events lost to a full queue are a gap in the sequence numbers (no ``lagged`` event)."""
+        events: list[Event] = []
+        ended = False
+        while True:
+            try:
+                event = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if event is None:
+                ended = True
+                break
+            events.append(event)
+        self.lost = 0
+        return events, ended
+
     def close(self) -> None:
         self._log.unsubscribe(self)
         self.put(None)

@@ -44,7 +44,7 @@ from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, WebSocket
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -53,6 +53,7 @@ from ray.serve.handle import DeploymentHandle
 from pipelines.serve.budgets import BudgetError, ExitCatalog, ExitChoice
 from pipelines.serve.config import ConfigError, ServeConfig
 from pipelines.serve.engine import StepBatcher, StepRequest, StepResult
+from pipelines.serve.events import Event, Subscriber
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
 from pipelines.serve.sources import (ChunkPipe, KeyframeSkipper, SourceFrame, SourceOptions, SourceReader,
@@ -214,9 +215,10 @@ def _merge_client_view(record: dict[str, Any] | None, after: int | None, seen_wi
 
 def _remote_summary(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("stream_id", "kind", "status", "message", "connected", "settings", "window", "counters", "owner",
-            "owner_alive")
+            "owner_alive", "latency_ms", "fps_in")
     summary = {k: record.get(k) for k in keys}
     summary["source"] = (record.get("source") or {}).get("source")
+    summary["as_of"] = record.get("updated")  # when the owner reported these counters
     return summary
 
 
@@ -238,6 +240,37 @@ async def _sse(subscriber: Any, request: Request) -> AsyncIterator[str]:
             yield event.sse()
     finally:
         subscriber.close()
+
+
+async def _relayed_sse(directory: DeploymentHandle, stream_id: str, after: int, request: Request) -> AsyncIterator[str]:
+    """Server-sent events of a stream another ingress replica serves, as its owner forwards them to the
+    directory (a tenth of a second later than from the owner itself). Ends with the stream, or when
+    the directory no longer knows it."""
+    yield ": adastream events (relayed from the ingress replica serving the stream)\n\n"
+    failures = 0
+    while True:
+        try:
+            reply = await asyncio.wait_for(directory.watch.remote(stream_id, after, 10.0), timeout=20)
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the directory restarts: try again, then give up
+            failures += 1
+            if failures > 5:
+                return
+            await asyncio.sleep(1.0)
+            continue
+        if reply is None:
+            return
+        for seq, type_, data in reply["events"]:
+            after = seq
+            yield Event(seq, type_, data).sse()
+        if reply["ended"]:
+            return
+        if not reply["events"]:
+            if await request.is_disconnected():
+                return
+            yield ": keep-alive\n\n"
 
 
 def _int(value: Any, default: int | None = None) -> int | None:
@@ -298,8 +331,12 @@ class Ingress:
 
         self.metrics = ServeMetrics()
         self.loop_lag = LoopLag()
+        # Streams of this replica that clients of other replicas watch (server-sent events relayed
+        # through the directory): their subscription here.
+        self._relays: dict[str, Subscriber] = {}
+        self._relay_lock = asyncio.Lock()
         self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop()),
-                       self.loop.create_task(self.loop_lag.run())]
+                       self.loop.create_task(self.loop_lag.run()), self.loop.create_task(self._relay_loop())]
 
     def _load_local_model(self) -> dict[str, Any]:
         """``colocate_model``: the model lives in this replica (see ServeConfig.colocate_model)."""
@@ -513,6 +550,8 @@ class Ingress:
             self._dirty.clear()
             self._removed.clear()
             records = [self.sessions[s].record(self.replica) | {"seq": self.sessions[s].events.seq} for s in ids]
+            if removed and self._relays:
+                await self._relay_once()  # a watched stream's last events before its record goes
             try:
                 reply = await asyncio.wait_for(self.directory.sync.remote(self.replica, records, removed),
                                                timeout=max(5.0, interval * 3))
@@ -532,6 +571,19 @@ class Ingress:
             session = self.sessions.get(stream_id)
             if session is not None:
                 await self._delete(session)
+        for stream_id, fields in reply.get("patch", {}).items():
+            session = self.sessions.get(stream_id)
+            if session is not None:
+                try:
+                    self._apply_patch(session, fields)
+                except (BudgetError, ValueError) as error:  # checked by the replica that took the request
+                    logger.warning("ignored a change of stream %s: %s", stream_id, error)
+        for stream_id in reply.get("lost", []):
+            # A client reconnected to another replica, which took the stream over: this copy is stale.
+            session = self.sessions.get(stream_id)
+            if session is not None and not session.connected:
+                await session.close("taken over by another ingress replica", "moved")
+        self._update_relays(reply.get("watched", {}))
         # Only a newer server-wide budget than this replica last set or applied: a reply computed
         # before this replica's own PUT must not undo it.
         budget, version = reply.get("budget"), int(reply.get("budget_version", 0))
@@ -569,6 +621,52 @@ class Ingress:
             return
         logger.info("adopted pull stream %s from %s", session.id, previous.get("owner"))
         self._start_reader(session, options)
+
+    RELAY_INTERVAL_S = 0.1
+    """How often the events of watched streams go to the directory: the extra delay of a server-sent
+    event relayed to a client of another ingress replica."""
+
+    def _update_relays(self, watched: dict[str, int]) -> None:
+        """Forward the events of exactly the streams of this replica somebody watches elsewhere."""
+        for stream_id in [s for s in self._relays if s not in watched]:
+            self._relays.pop(stream_id).close()
+        for stream_id, after in watched.items():
+            session = self.sessions.get(stream_id) or self._finished(stream_id)
+            if session is not None and stream_id not in self._relays:
+                self._relays[stream_id] = session.events.subscribe(after_seq=int(after))
+
+    async def _relay_once(self) -> None:
+        async with self._relay_lock:
+            events: dict[str, list[tuple[int, str, str]]] = {}
+            ended: list[str] = []
+            for stream_id, subscriber in list(self._relays.items()):
+                batch, done = subscriber.drain()
+                if batch:
+                    events[stream_id] = [(e.seq, e.type, e.data) for e in batch]
+                if done:
+                    ended.append(stream_id)
+                    self._relays.pop(stream_id).close()
+            if not events and not ended:
+                return
+            try:
+                watched = await asyncio.wait_for(self.directory.relay.remote(self.replica, events, ended), timeout=5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the watchers see a gap; the stream goes on
+                logger.info("relaying events failed (%s)", error)
+                return
+            self._update_relays(watched)
+
+    async def _relay_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.RELAY_INTERVAL_S)
+            if self._relays:
+                try:
+                    await self._relay_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # pragma: no cover - never let the relay die
+                    logger.exception("relaying events failed")
 
     async def _housekeeping_loop(self) -> None:
         """Once a second: metrics, idle eviction, forgetting ended streams."""
@@ -682,13 +780,13 @@ class Ingress:
             raise HTTPException(422, str(error)) from None
         self._start_reader(session, options)
         response.headers["Location"] = f"{self.config.route_prefix.rstrip('/')}/v1/streams/{stream_id}"
-        return session.summary()
+        return session.summary() | {"owner": self.replica}
 
     @api.get("/v1/streams", tags=["streams"], response_model=StreamList, summary="Every stream")
     async def list_streams(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                            token: str | None = Query(None)) -> dict:
         self._guard(request, credentials, token)
-        streams = {s.id: s.summary() for s in self.sessions.values()}
+        streams = {s.id: s.summary() | {"owner": self.replica} for s in self.sessions.values()}
         try:
             records = await asyncio.wait_for(self.directory.all.remote(), timeout=2)
         except Exception:  # noqa: BLE001 - the local streams are still worth answering with
@@ -710,35 +808,53 @@ class Ingress:
         self._guard(request, credentials, token)
         session = self.sessions.get(stream_id) or self._finished(stream_id)
         if session is not None:
-            return session.summary()
+            return session.summary() | {"owner": self.replica}
         record = await self._remote_record(stream_id)
         if record is None:
             raise HTTPException(404, f"no stream {stream_id!r}")
         return _remote_summary(record)
 
     @api.patch("/v1/streams/{stream_id}", tags=["streams"], response_model=StreamInfo,
-               summary="Change a running stream's budget (or top-k / emit) without interrupting it")
+               summary="Change a running stream's budget (or top-k / emit) without interrupting it",
+               responses={202: {"description": "another ingress replica serves the stream and applies the change "
+                                                "within a second"}, 404: {"description": "no such stream"},
+                          422: {"description": "bad budget or emit"}})
     async def patch_stream(self, stream_id: str, body: StreamPatch, request: Request,
                            credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                            token: str | None = Query(None)) -> dict:
         self._guard(request, credentials, token)
-        session = self.sessions.get(stream_id)
-        if session is None:
-            raise HTTPException(404 if await self._remote_record(stream_id) is None else 409,
-                                f"stream {stream_id!r} is not served by this replica")
         fields = body.model_dump(exclude_unset=True)
-        if "emit" in fields and fields["emit"] not in ("steps", "windows"):
-            raise HTTPException(422, "emit must be 'steps' or 'windows'")
+        if "budget" in fields and fields["budget"] is not None:
+            fields["budget"] = str(fields["budget"])
+        try:
+            if "emit" in fields and fields["emit"] not in ("steps", "windows"):
+                raise ValueError("emit must be 'steps' or 'windows'")
+            if fields.get("budget") is not None:
+                self.catalog.resolve(fields["budget"])
+            session = self.sessions.get(stream_id)
+            if session is not None:
+                self._apply_patch(session, fields)
+                return session.summary() | {"owner": self.replica}
+        except (BudgetError, ValueError) as error:
+            raise HTTPException(422, str(error)) from None
+        # Another ingress replica serves it: the change reaches it with its next sync.
+        try:
+            requested = await asyncio.wait_for(self.directory.request_patch.remote(stream_id, fields), timeout=5)
+        except Exception as error:  # noqa: BLE001
+            raise HTTPException(503, f"cannot reach the stream directory: {error}") from None
+        record = await self._remote_record(stream_id) if requested else None
+        if record is None:
+            raise HTTPException(404, f"no stream {stream_id!r}")
+        return JSONResponse(_remote_summary(record), status_code=202)
+
+    @staticmethod
+    def _apply_patch(session: StreamSession, fields: dict[str, Any]) -> None:
         if "budget" in fields:
-            try:
-                session.set_budget(None if fields["budget"] is None else str(fields["budget"]))
-            except BudgetError as error:
-                raise HTTPException(422, str(error)) from None
+            session.set_budget(None if fields["budget"] is None else str(fields["budget"]))
         if fields.get("top_k"):
             session.settings.top_k = int(fields["top_k"])
-        if fields.get("emit"):
+        if fields.get("emit") in ("steps", "windows"):
             session.settings.emit = fields["emit"]
-        return session.summary()
 
     @api.delete("/v1/streams/{stream_id}", status_code=204, tags=["streams"], summary="Stop a stream",
                 responses={202: {"description": "another ingress replica will stop it"}})
@@ -768,13 +884,15 @@ class Ingress:
                             last_event_id: str | None = Header(None)) -> StreamingResponse:
         self._guard(request, credentials, token)
         session = self.sessions.get(stream_id) or self._finished(stream_id)
-        if session is None:
-            record = await self._remote_record(stream_id)
-            raise HTTPException(404 if record is None else 409,
-                                f"no stream {stream_id!r}" if record is None else
-                                f"stream {stream_id!r} is served by another ingress replica")
         if after is None and last_event_id and last_event_id.isdigit():
             after = int(last_event_id)
+        if session is None:
+            if await self._remote_record(stream_id) is None:
+                raise HTTPException(404, f"no stream {stream_id!r}")
+            # Another ingress replica serves it: its events come relayed through the directory.
+            return StreamingResponse(_relayed_sse(self.directory, stream_id, after or 0, request),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         subscriber = session.events.subscribe(after_seq=after if after is not None else 0)
         return StreamingResponse(_sse(subscriber, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

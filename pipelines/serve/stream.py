@@ -631,7 +631,7 @@ class StreamSession:
             "budget": self.choice.to_dict(), "window": self.window, "window_steps": self.window_steps,
             "fps_in": round(self.fps_in.rate(now), 2), "fps_model": round(self.fps_model.rate(now), 2),
             "latency_ms": self.latency_percentiles(), "counters": self.counters.to_dict(),
-            "events": {"last_seq": self.events.seq},
+            "events": {"last_seq": self.events.seq}, "as_of": round(time.time(), 3),
         }
 
     def record(self, owner: str) -> dict[str, Any]:
@@ -641,7 +641,9 @@ class StreamSession:
                 "final": self.window_final, "frames": self.frame_offset + self.counters.frames_received,
                 "stream_time": self.clock.last, "status": self.status, "message": self.status_message,
                 "connected": self.connected, "counters": self.counters.to_dict(), "updated": time.time(),
-                "closed": self.closed, "last_final": self.last_final}
+                "closed": self.closed, "last_final": self.last_final,
+                # For GET /v1/streams answered by another replica:
+                "latency_ms": self.latency_percentiles(), "fps_in": round(self.fps_in.rate(time.monotonic()), 2)}
 
 
 class FrameGate:
