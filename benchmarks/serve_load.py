@@ -13,8 +13,9 @@ footage from another domain the model is rarely confident and seldom exits (on `
 clip the demo model never saw, 2 of 68 windows exited early in one run), so the early-exit comparison
 says nothing there; pass ``--source ../shared/videos/demo.mp4`` to see it.
 
-What runs: a local Ray with the serving app (one Recognizer replica, one Ingress) on loopback, and in
-this process the load generators, over real sockets:
+What runs: a local Ray with the serving app (one Recognizer replica, or the model in the ingress with
+``--colocate``; one ingress replica per core, ``--ingress-replicas``) on loopback, and in this process
+the load generators, over real sockets:
 
 * ``pull``: one UDP port per stream; a sender thread plays the content as H.264 in MPEG-TS (looped,
   each stream at a different point of it) to every port at its real rate, and the server is asked to
@@ -34,7 +35,8 @@ stops at its first confident frame.
   for which, over ``--duration`` seconds after a warm-up, every stream is decoded at its own rate
   (pull: >= 80 % of it, as UDP is paced by bytes), at most ``--max-drop`` of the frames the windows
   sample are dropped, the median frame latency stays under the sampling interval (the server keeps
-  up) and the load generator keeps its schedule. Found by doubling N, then bisecting to within 10 %.
+  up) and the load generator keeps its schedule. Found by doubling N, then bisecting to within 10 %;
+  between trials the server is given time to stop the previous trial's streams and go quiet.
 * **Server CPU per stream** (proxy + replicas, from /proc) where both budgets ran sustained: a
   capacity ratio that does not depend on what else the machine runs (on a shared machine the
   wall-clock search above measures the neighbours too).
@@ -645,8 +647,29 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
             n = (low + high) // 2
             if n == low:
                 break
-        await asyncio.sleep(1.0)  # let the server forget the previous trial's streams
+        await settle(base_url)
     return best
+
+
+async def settle(base_url: str, timeout: float = 90.0) -> None:
+    """Before the next trial: wait until the server has stopped every stream of the previous one and its
+    event loop is quiet again -- an overloaded trial (the API unresponsive) can leave streams and work
+    behind for a while, which the next trial would otherwise be charged with."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+
+    def quiet() -> bool:
+        try:
+            streams = HTTP.get(f"{base_url}/v1/streams", timeout=10).json()["streams"]
+        except (requests.RequestException, ValueError, KeyError):
+            return False
+        if any(s.get("status") in ("starting", "live", "connecting", "reconnecting", "disconnected") for s in streams):
+            return False
+        return (loop_lag(base_url).get("p90") or 0.0) < 20.0
+
+    while time.monotonic() < deadline and not await loop.run_in_executor(None, quiet):
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)
 
 
 async def single_stream_latency(base_url: str, frames: list[tuple[float, bytes]], args: argparse.Namespace,
@@ -768,9 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-p99-ms", type=float, default=None, help="also require this p99 (default: none)")
     parser.add_argument("--max-drop", type=float, default=0.02, help="largest share of sampled frames dropped")
     parser.add_argument("--colocate", action="store_true", help="run the capacity search with colocate_model=true")
-    parser.add_argument("--ingress-replicas", type=int, default=1,
+    parser.add_argument("--ingress-replicas", type=int, default=min(4, os.cpu_count() or 1),
                         help="ingress replicas of the capacity search (ServeConfig.ingress_replicas): processes "
-                             "that share the streams' decoding, WebSockets and event loops")
+                             "that share the streams' decoding, WebSockets and event loops; default one per "
+                             "core, up to 4, as docs/serving.md advises for pulled streams")
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
                              "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
@@ -849,12 +873,16 @@ def main(argv: list[str] | None = None) -> int:
     HTTP.headers["Authorization"] = f"Bearer {token}"
 
     def serve_config(colocate: bool, prefix: str = "/") -> ServeConfig:
+        replicas = args.ingress_replicas if prefix == "/" else 1
         return ServeConfig(port=args.port, model_uri=args.model, tracking_uri=tracking,
                            app_name="adastream-bench" + ("-colocated" if colocate else ""), route_prefix=prefix,
                            window_seconds=args.window_seconds, max_streams=4 * args.max_streams,
                            max_fps_in=10 * args.fps, api_requests_per_s=10000, api_burst=10000, idle_timeout_s=120,
                            emit="steps", colocate_model=colocate, auth_token=token,
-                           ingress_replicas=args.ingress_replicas if prefix == "/" else 1,
+                           ingress_replicas=replicas,
+                           # Ray's logical CPUs (one per core here) must hold both layouts' replicas at
+                           # once for the latency rounds, or the second layout never starts.
+                           ingress_cpus=min(0.5, max(1, (os.cpu_count() or 2) - 1) / (args.ingress_replicas + 1)),
                            high_throughput="true" if args.high_throughput else "false")
 
     config = start(serve_config(args.colocate))

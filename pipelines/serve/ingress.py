@@ -579,9 +579,10 @@ class Ingress:
                 except (BudgetError, ValueError) as error:  # checked by the replica that took the request
                     logger.warning("ignored a change of stream %s: %s", stream_id, error)
         for stream_id in reply.get("lost", []):
-            # A client reconnected to another replica, which took the stream over: this copy is stale.
+            # Another replica took the stream over (a push client reconnected there, or this replica
+            # missed its heartbeats and its pull streams were adopted): this copy is stale.
             session = self.sessions.get(stream_id)
-            if session is not None and not session.connected:
+            if session is not None and (session.kind == PULL or not session.connected):
                 await session.close("taken over by another ingress replica", "moved")
         self._update_relays(reply.get("watched", {}))
         # Only a newer server-wide budget than this replica last set or applied: a reply computed
