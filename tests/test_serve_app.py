@@ -905,8 +905,18 @@ def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared
     url = config.url
     video = next(p for p in shared_video_paths if p.name == "demo.mp4")
     try:
+        # Serve's proxy routes to a replica only once it has heard of it: wait until both answer.
+        answering: set[str] = set()
+
+        def both_answer() -> bool:
+            reply = requests.get(f"{url}/v1/info", headers=AUTH, timeout=30)
+            if reply.status_code == 200:
+                answering.add(reply.json()["replica"])
+            return len(answering) == 2
+
+        _wait(both_answer, 90, "both ingress replicas answering")
         owners: dict[str, str] = {}
-        for i in range(12):  # until both replicas serve a stream (requests land on either)
+        for i in range(20):  # until both replicas serve a stream (requests land on either)
             reply = requests.post(f"{url}/v1/streams", headers=AUTH, timeout=30,
                                   json={"source": str(video), "stream_id": f"rep-{i}", "loop": True})
             assert reply.status_code == 201, reply.text
