@@ -887,6 +887,15 @@ def main(argv: list[str] | None = None) -> int:
 
     config = start(serve_config(args.colocate))
     base = config.url
+    # Serve's proxy routes to a replica only once it has heard of it: until then every stream of the
+    # first trials would land on one ingress replica.
+    answering: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(answering) < args.ingress_replicas and time.monotonic() < deadline:
+        answering.add(HTTP.get(base + "/v1/info", timeout=30).json()["replica"])
+        time.sleep(0.1)
+    if len(answering) < args.ingress_replicas:
+        log(f"serve_load: only {len(answering)} of {args.ingress_replicas} ingress replicas answered within 2 min")
     info = HTTP.get(base + "/v1/info", timeout=30).json()
     log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}); "
         f"{args.ingress_replicas} ingress replica(s), e.g. {info['replica']}; recognizer {info['recognizer_replica']}")

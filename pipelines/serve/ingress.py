@@ -781,13 +781,13 @@ class Ingress:
             raise HTTPException(422, str(error)) from None
         self._start_reader(session, options)
         response.headers["Location"] = f"{self.config.route_prefix.rstrip('/')}/v1/streams/{stream_id}"
-        return session.summary() | {"owner": self.replica}
+        return self._summary(session)
 
     @api.get("/v1/streams", tags=["streams"], response_model=StreamList, summary="Every stream")
     async def list_streams(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                            token: str | None = Query(None)) -> dict:
         self._guard(request, credentials, token)
-        streams = {s.id: s.summary() | {"owner": self.replica} for s in self.sessions.values()}
+        streams = {s.id: self._summary(s) for s in self.sessions.values()}
         try:
             records = await asyncio.wait_for(self.directory.all.remote(), timeout=2)
         except Exception:  # noqa: BLE001 - the local streams are still worth answering with
@@ -809,7 +809,7 @@ class Ingress:
         self._guard(request, credentials, token)
         session = self.sessions.get(stream_id) or self._finished(stream_id)
         if session is not None:
-            return session.summary() | {"owner": self.replica}
+            return self._summary(session)
         record = await self._remote_record(stream_id)
         if record is None:
             raise HTTPException(404, f"no stream {stream_id!r}")
@@ -835,7 +835,7 @@ class Ingress:
             session = self.sessions.get(stream_id)
             if session is not None:
                 self._apply_patch(session, fields)
-                return session.summary() | {"owner": self.replica}
+                return self._summary(session)
         except (BudgetError, ValueError) as error:
             raise HTTPException(422, str(error)) from None
         # Another ingress replica serves it: the change reaches it with its next sync.
@@ -897,6 +897,9 @@ class Ingress:
         subscriber = session.events.subscribe(after_seq=after if after is not None else 0)
         return StreamingResponse(_sse(subscriber, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _summary(self, session: StreamSession) -> dict[str, Any]:
+        return session.summary() | {"owner": self.replica}
 
     def _finished(self, stream_id: str) -> StreamSession | None:
         entry = self.finished.get(stream_id)
