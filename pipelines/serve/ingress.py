@@ -222,6 +222,10 @@ def _remote_summary(record: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""Of every server-sent-events response: no caching, no buffering by proxies in between."""
+
+
 async def _sse(subscriber: Any, request: Request) -> AsyncIterator[str]:
     """Server-sent events until the stream ends or the client leaves; a comment every 15 s keeps
     proxies from closing an idle connection."""
@@ -893,10 +897,10 @@ class Ingress:
             # Another ingress replica serves it: its events come relayed through the directory.
             return StreamingResponse(_relayed_sse(self.directory, stream_id, after or 0, request),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers=SSE_HEADERS)
         subscriber = session.events.subscribe(after_seq=after if after is not None else 0)
         return StreamingResponse(_sse(subscriber, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers=SSE_HEADERS)
 
     def _summary(self, session: StreamSession) -> dict[str, Any]:
         return session.summary() | {"owner": self.replica}
