@@ -652,7 +652,8 @@ def test_a_close_that_is_itself_cancelled_still_closes_and_a_late_step_publishes
 def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_model_sees():
     """FrameGate: a reader thread hands the event loop only the frames the windows may use (two
     frames a second whatever, as a heartbeat); the model sees the same frames, in the same windows and
-    slots, and every frame is still counted -- without and with early exit."""
+    slots, and every frame is still counted -- without and with early exit, and across a timestamp
+    reset right after frames left out."""
     import json
 
     from pipelines.serve.stream import PULL, FrameGate, StreamSession, parse_settings
@@ -662,8 +663,8 @@ def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_mode
         settings = parse_settings(hub.config, 4, window_seconds=1.0, budget=budget)
         session = StreamSession(hub, "cam", PULL, settings)
         gate, offered = FrameGate(session), 0
-        for i in range(150):  # 6 s of a 25 fps source whose clock starts at 7 s
-            media = 7.0 + i / 25
+        for i in range(150):  # 6 s of a 25 fps source whose clock starts at 7 s and restarts after 4 s
+            media = 7.0 + (i % 100) / 25  # (a looping file; the frames before the restart are left out)
             passed = gate.check(media, now=i / 25) if gated else (0, None)
             if passed is None:
                 continue
@@ -725,9 +726,11 @@ def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path
         firsts: dict[int, int] = {}  # window -> the index its first frame shows
         seen = [0]
         left_out: list[int] = []  # frame numbers
+        order: list[float] = []  # media times of the frames handed over and the packets left out, as they came
 
         def on_frame(frame) -> bool:  # noqa: ANN001 - plays the stream's gate and windows
             seen[0] += 1
+            order.append(frame.media_time)
             t = frame.media_time - start
             if hint[0] is not None and hint[0][0] < frame.media_time < hint[0][1]:
                 return True  # not wanted (the server's FrameGate leaves it out here)
@@ -738,14 +741,22 @@ def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path
 
         with av.open(str(path)) as probe:
             start = float(probe.streams.video[0].start_time * probe.streams.video[0].time_base)
-        skipper = KeyframeSkipper(lambda: hint[0], lambda t: left_out.append(round((t - start) * 25)))
+        def leave_out(t: float) -> None:
+            left_out.append(round((t - start) * 25))
+            order.append(t)
+
+        skipper = KeyframeSkipper(lambda: hint[0], leave_out)
         SourceReader(lambda: av.open(str(path)), on_frame, lambda *a: None, name="camera", live=False,
                      follow_clock=False, reconnect=False, skipper=skipper if skip else None).run()
-        return firsts, seen[0], left_out
+        return firsts, seen[0], left_out, order
 
-    firsts, decoded, left_out = play(skip=True)
-    reference, all_decoded, _ = play(skip=False)
+    firsts, decoded, left_out, order = play(skip=True)
+    reference, all_decoded, _, _ = play(skip=False)
     assert firsts == reference == {0: 0, 1: 50, 2: 100}  # the right pictures, where the windows start
+    # The frames the decoder still held when the skipping began came out then, before the packets left
+    # out were reported -- not after the next keyframe, out of order (the stream's clock would take
+    # that for a timestamp reset).
+    assert order == sorted(order) and len(order) == 150
     assert all_decoded == 150 and decoded + len(left_out) == 150
     # Keyframes at frames 0, 28, 56, ...; the interval is known at the third (frame 56). Window 1
     # (frames 50-99) wants nothing after frame 50, and the keyframe at 84 comes before frame 100: 56-83

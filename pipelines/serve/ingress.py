@@ -461,7 +461,7 @@ class Ingress:
         counts it; once per heartbeat the count goes to the stream, as no frame does meanwhile."""
         frames = gate.leave_out(media_time, time.monotonic())
         if frames:
-            self.loop.call_soon_threadsafe(session.count_left_out, frames)
+            self.loop.call_soon_threadsafe(session.count_left_out, frames, media_time)
 
     @staticmethod
     def _offer_decoded(session: StreamSession, transform: FrameTransform, frame: SourceFrame,
@@ -903,7 +903,11 @@ class Ingress:
                                  headers=SSE_HEADERS)
 
     def _summary(self, session: StreamSession) -> dict[str, Any]:
-        return session.summary() | {"owner": self.replica}
+        summary = session.summary() | {"owner": self.replica}
+        reader = self.readers.get(session.id)
+        if reader is not None:
+            summary["decoder"] = reader.stats()
+        return summary
 
     def _finished(self, stream_id: str) -> StreamSession | None:
         entry = self.finished.get(stream_id)

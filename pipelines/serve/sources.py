@@ -173,6 +173,8 @@ class KeyframeSkipper:
                  left_out: Callable[[float], None] | None = None) -> None:
         self.wanted = wanted
         self.left_out = left_out
+        """Called with each packet's media time once it is left out -- by the reader, after it handed
+        over the frames the decoder still held, so frames and packets are reported in order."""
         self.packets_left_out = 0
         self.reset()
 
@@ -194,7 +196,8 @@ class KeyframeSkipper:
         self.last_key = t
 
     def decode(self, t: float, keyframe: bool, reordered: bool) -> bool:
-        """Whether to decode the packet of media time ``t``; a packet left out is counted."""
+        """Whether to decode the packet of media time ``t``; a packet left out is counted (and reported
+        to ``left_out`` by the reader)."""
         if self.last_time is not None and t <= self.last_time:  # a discontinuity: a new clock
             self.gop, self.last_key, self.due = None, None, None
             self.intervals.clear()
@@ -221,8 +224,6 @@ class KeyframeSkipper:
 
     def _leave_out(self, t: float) -> bool:
         self.packets_left_out += 1
-        if self.left_out is not None:
-            self.left_out(t)
         return False
 
 
@@ -256,6 +257,12 @@ class SourceReader(threading.Thread):
         self.decode_errors = 0
         self.frames_decoded = 0
         self.errors: list[str] = []
+
+    def stats(self) -> dict[str, int]:
+        """What the decoder did: frames decoded, packets left undecoded (after early exits), packets
+        that failed to decode."""
+        return {"frames_decoded": self.frames_decoded, "decode_errors": self.decode_errors,
+                "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0}
 
     def stop(self) -> None:
         self._halt.set()
@@ -339,13 +346,20 @@ class SourceReader(threading.Thread):
             if skipper is not None:
                 skipper.reset()
             undecodable = 0
+            decoding = True  # False while packets are left out
             for packet in container.demux(stream):
                 if self._halt.is_set():
                     break
                 if skipper is not None and packet.pts is not None and packet.time_base is not None:
                     reordered = bool(ctx.has_b_frames) or (packet.dts is not None and packet.dts != packet.pts)
                     if not skipper.decode(float(packet.pts * packet.time_base), packet.is_keyframe, reordered):
+                        if decoding and not self._drain(stream, fps):
+                            return
+                        decoding = False
+                        if skipper.left_out is not None:
+                            skipper.left_out(float(packet.pts * packet.time_base))
                         continue
+                    decoding = True
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as error:
@@ -358,6 +372,21 @@ class SourceReader(threading.Thread):
                     undecodable = 0
                     if not self._deliver(frame, fps):
                         return
+
+    def _drain(self, stream: Any, fps: float) -> bool:
+        """Before packets are left out: hand over the frames the decoder still holds (frame threads
+        delay each by a few packets) -- now, in order, not after the next keyframe behind frames left
+        out -- and reset it, as decoding restarts at that keyframe. False when asked to stop."""
+        try:
+            frames = stream.codec_context.decode(None)
+        except av.error.FFmpegError:
+            frames = []
+        stream.codec_context.flush_buffers()
+        for frame in frames:
+            frame.time_base = stream.time_base  # frames drained without a packet carry none
+            if not self._deliver(frame, fps):
+                return False
+        return True
 
     def _deliver(self, frame: av.VideoFrame, fps: float) -> bool:
         """Hand one frame over (pacing files to their clock); False when asked to stop."""

@@ -297,9 +297,12 @@ class StreamSession:
             return window, {"window": window, "steps": int(record.get("steps", 0))}
         return window + 1, None
 
-    def count_left_out(self, frames: int) -> None:
+    def count_left_out(self, frames: int, last_media: float | None = None) -> None:
         """Frames a source reader left out on its own (not decoded, :class:`FrameGate`): received all
-        the same, so the counters, the input fps and the idle timer stay current."""
+        the same, so the counters, the input fps, the idle timer and the stream's clock (``last_media``:
+        the media time of the last of them) stay current."""
+        if last_media is not None and self.timestamped:
+            self.clock(last_media)
         now = time.monotonic()
         self.counters.frames_received += frames
         self.fps_in.tick(now, frames)
@@ -341,12 +344,16 @@ class StreamSession:
         self.fps_in.tick(now, 1 + skipped)
         if self.closed:
             return False
+        previous = None
+        if previous_media is not None and media_time is not None:
+            # The clock runs through the frames left out too: a timestamp reset right after some (a
+            # source that loops or restarts) then continues one frame after the last frame received,
+            # not the last one offered -- which would shift every later window off the source's
+            # keyframes, and a KeyframeSkipper could leave out nothing any more.
+            previous = self.clock(previous_media)
         t = self.stream_time(media_time, index)
         self.timestamped = media_time is not None
-        previous = None
-        if previous_media is not None and media_time is not None and media_time > previous_media:
-            previous = t - (media_time - previous_media)
-        admission = self.windower.admit(t, previous)
+        admission = self.windower.admit(t, previous if previous is not None and previous < t else None)
         self._last_media = media_time
         self._refresh_skip_hint()
         if admission is None:
@@ -671,6 +678,7 @@ class FrameGate:
         self.session = session
         self.skipped = 0
         self.last_media: float | None = None  # the last frame seen, left out or not
+        self.last_left_out = False  # whether that frame was left out
         self.passed_at = -math.inf
 
     def check(self, media_time: float | None, now: float) -> tuple[int, float | None] | None:
@@ -678,13 +686,15 @@ class FrameGate:
         that went through, the media time of the frame just before this one if it was left out)."""
         hint = self.session.skip_hint
         before, self.last_media = self.last_media, media_time
+        after_left_out, self.last_left_out = self.last_left_out, True
         if (hint is not None and media_time is not None and hint[0] < media_time < hint[1]
                 and now - self.passed_at < self.HEARTBEAT_S):
             self.skipped += 1
             return None
         self.passed_at = now
+        self.last_left_out = False
         skipped, self.skipped = self.skipped, 0
-        return skipped, (before if skipped else None)
+        return skipped, (before if after_left_out else None)
 
     def leave_out(self, media_time: float | None, now: float) -> int:
         """A frame left out before decoding (:class:`~pipelines.serve.sources.KeyframeSkipper`): counted
@@ -692,7 +702,7 @@ class FrameGate:
         so once per heartbeat this returns the frames left out so far (and forgets them) for the reader
         to report on their own; 0 otherwise."""
         self.skipped += 1
-        self.last_media = media_time
+        self.last_media, self.last_left_out = media_time, True
         if now - self.passed_at < self.HEARTBEAT_S:
             return 0
         self.passed_at = now
