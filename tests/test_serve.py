@@ -417,7 +417,8 @@ def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
 def test_directory_relays_a_watched_streams_events_and_forwards_changes():
     """Two ingress replicas: a client of replica B watches a stream replica A serves. A learns it is
     watched (from the seq the client has seen), forwards its events, B's client gets them in order and
-    then the end; a change asked at B reaches A; a stale copy of a stream taken over is reported lost."""
+    then the end, as does a second client that wants earlier events; a change asked at B reaches A; a
+    stale copy of a stream taken over is reported lost."""
     from pipelines.serve.directory import StreamDirectory
 
     async def scenario():
@@ -443,6 +444,22 @@ def test_directory_relays_a_watched_streams_events_and_forwards_changes():
         assert [e[0] for e in last["events"]] == [5]
         assert (await directory.watch("cam", 5, 0.05))["ended"]
         assert (await directory.sync("A", [], ["cam"]))["watched"] == {}  # not watched once ended
+
+        # A second watcher wants earlier events than are forwarded (it replays from the start): the
+        # owner is asked to forward again from there; what it still sends from its earlier start is
+        # refused, so both watchers get their events in order, none twice.
+        await directory.sync("A", [dict(record, stream_id="cam3")], [])
+        assert (await directory.watch("cam3", 10, 0.01))["events"] == []
+        events = [(seq, "prediction", "{}") for seq in range(1, 14)]
+        await directory.relay("A", {"cam3": events[10:12]}, [], {"cam3": 10})
+        assert [e[0] for e in (await directory.watch("cam3", 10, 0.05))["events"]] == [11, 12]
+        replaying = asyncio.ensure_future(directory.watch("cam3", 0, 5.0))
+        await asyncio.sleep(0.05)
+        assert await directory.relay("A", {"cam3": events[12:]}, [], {"cam3": 10}) == {"cam3": 0}
+        assert not replaying.done()
+        await directory.relay("A", {"cam3": events}, [], {"cam3": 0})
+        assert [e[0] for e in (await asyncio.wait_for(replaying, 1.0))["events"]] == list(range(1, 14))
+        assert [e[0] for e in (await directory.watch("cam3", 12, 0.05))["events"]] == [13]
 
         # A change requested through B goes to the owner with its next sync, once.
         await directory.sync("A", [dict(record, stream_id="cam2", kind="push")], [])
@@ -809,6 +826,10 @@ def test_keyframe_skipper_decodes_everything_it_cannot_predict():
     # decoding there; one due just after it would come too late.
     assert feed(KeyframeSkipper(lambda: (3.0, 4.0)), times, regular) == [t for t in times if 3.0 < t < 4.0]
     assert feed(KeyframeSkipper(lambda: (3.0, 3.95)), times, regular) == []
+    # A timestamp reset (a looping source) keeps the interval: once a keyframe of the new clock came,
+    # packets are left out again (the interval is known only at 2 s the first time round).
+    assert feed(KeyframeSkipper(lambda: (1.0, 2.0)), times + times[:50], regular) == [
+        t for t in times if 1.0 < t < 2.0]
     # The keyframe counted on (4 s) does not come: frames up to the next one (4.7 s) cannot decode and
     # are left out too; then the interval is forgotten and everything decodes.
     missed = feed(KeyframeSkipper(lambda: (3.0, 6.0)), times, {0.0, 1.0, 2.0, 3.0, 4.7, 5.7, 6.7})

@@ -461,6 +461,7 @@ def test_pull_mpegts_over_udp_and_tcp_with_reconnect(server, shared_video_paths)
         assert listing["udp-cam"]["status"] == "live" and listing["tcp-cam"]["kind"] == "pull"
         status = server.get("/v1/streams/tcp-cam").json()
         assert status["counters"]["steps"] > 0 and status["fps_in"] > 5
+        assert status["decoder"]["frames_decoded"] > 0 and status["decoder"]["decode_errors"] >= 0
         for name in ("udp-cam", "tcp-cam"):
             assert requests.delete(f"{server.url}/v1/streams/{name}", headers=AUTH, timeout=30).status_code == 204
         udp_thread.join(20)
@@ -932,6 +933,12 @@ def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared
         _wait(lambda: all(sid in listed() for sid in owners), 10, "every stream listed by either replica")
         for sid, owner in owners.items():
             assert requests.get(f"{url}/v1/streams/{sid}", headers=AUTH, timeout=30).json()["owner"] == owner
+
+        def decoded(sid: str) -> int:  # the owner's decoder counts, whichever replica answers
+            summary = requests.get(f"{url}/v1/streams/{sid}", headers=AUTH, timeout=30).json()
+            return (summary.get("decoder") or {}).get("frames_decoded", 0)
+
+        _wait(lambda: all(decoded(sid) > 0 for sid in owners for _ in range(2)), 15, "decoder counts")
 
         # Server-sent events from the replica that does not serve the stream: relayed.
         target = "rep-0"

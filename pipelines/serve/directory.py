@@ -39,9 +39,9 @@ class StreamDirectory:
         self.budget: str | None = None
         self.budget_version = 0
         self.patch_requests: dict[str, dict[str, Any]] = {}
-        # Relayed events: stream id -> when its last watcher asked (time.time()), the seq its first
-        # watcher wanted events after, the events forwarded (seq, type, JSON text), and a wake-up for
-        # the watchers waiting on them.
+        # Relayed events: stream id -> when its last watcher asked (time.time()), the seq the events
+        # are forwarded after (the lowest any watcher asked for), the events forwarded (seq, type, JSON
+        # text), and a wake-up for the watchers waiting on them.
         self.watched: dict[str, float] = {}
         self.watch_from: dict[str, int] = {}
         self.relayed: dict[str, deque[tuple[int, str, str]]] = {}
@@ -101,12 +101,15 @@ class StreamDirectory:
         self.relay_ended.discard(stream_id)
 
     async def relay(self, owner: str, events: dict[str, list[tuple[int, str, str]]],
-                    ended: list[str]) -> dict[str, int]:
-        """An owner forwards the new events of watched streams (``ended``: streams whose events ended);
-        the reply is what it should forward from now on (as in the reply to :meth:`sync`)."""
+                    ended: list[str], starts: dict[str, int] | None = None) -> dict[str, int]:
+        """An owner forwards the new events of watched streams (``ended``: streams whose events ended;
+        ``starts``: the seq each stream's forwarding began after); the reply is what it should forward
+        from now on (as in the reply to :meth:`sync`)."""
         for stream_id, batch in events.items():
             if stream_id not in self.watched:
                 continue
+            if starts is not None and starts.get(stream_id, 0) > self.watch_from.get(stream_id, 0):
+                continue  # forwarded from a later seq than now wanted: the owner starts again (watch)
             ring = self.relayed.setdefault(stream_id, deque(maxlen=self.RELAY_RING))
             last = ring[-1][0] if ring else -1
             ring.extend(e for e in batch if e[0] > last)
@@ -129,6 +132,12 @@ class StreamDirectory:
         now = time.time()
         if stream_id not in self.watched:
             self.watch_from[stream_id] = after
+        elif after < self.watch_from.get(stream_id, 0) and stream_id not in self.relay_ended:
+            # A watcher that wants earlier events than are forwarded (a client replaying from the start
+            # while another watches live): the owner forwards again from here, so every watcher gets
+            # its events in order; until then the ring is empty.
+            self.watch_from[stream_id] = after
+            self.relayed.pop(stream_id, None)
         self.watched[stream_id] = now
         deadline = now + wait_s
         while True:

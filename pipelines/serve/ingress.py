@@ -217,6 +217,8 @@ def _remote_summary(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("stream_id", "kind", "status", "message", "connected", "settings", "window", "counters", "owner",
             "owner_alive", "latency_ms", "fps_in")
     summary = {k: record.get(k) for k in keys}
+    if "decoder" in record:
+        summary["decoder"] = record["decoder"]
     summary["source"] = (record.get("source") or {}).get("source")
     summary["as_of"] = record.get("updated")  # when the owner reported these counters
     return summary
@@ -336,8 +338,9 @@ class Ingress:
         self.metrics = ServeMetrics()
         self.loop_lag = LoopLag()
         # Streams of this replica that clients of other replicas watch (server-sent events relayed
-        # through the directory): their subscription here.
+        # through the directory): their subscription here, and the seq it began after.
         self._relays: dict[str, Subscriber] = {}
+        self._relay_from: dict[str, int] = {}
         self._relay_lock = asyncio.Lock()
         self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop()),
                        self.loop.create_task(self.loop_lag.run()), self.loop.create_task(self._relay_loop())]
@@ -553,7 +556,7 @@ class Ingress:
             removed = list(self._removed)
             self._dirty.clear()
             self._removed.clear()
-            records = [self.sessions[s].record(self.replica) | {"seq": self.sessions[s].events.seq} for s in ids]
+            records = [self._record(self.sessions[s]) for s in ids]
             if removed and self._relays:
                 await self._relay_once()  # a watched stream's last events before its record goes
             try:
@@ -632,29 +635,36 @@ class Ingress:
     event relayed to a client of another ingress replica."""
 
     def _update_relays(self, watched: dict[str, int]) -> None:
-        """Forward the events of exactly the streams of this replica somebody watches elsewhere."""
-        for stream_id in [s for s in self._relays if s not in watched]:
+        """Forward the events of exactly the streams of this replica somebody watches elsewhere, from
+        the seq wanted (again from an earlier one, when a watcher asked for it)."""
+        for stream_id in [s for s in self._relays if s not in watched or watched[s] < self._relay_from[s]]:
             self._relays.pop(stream_id).close()
+            del self._relay_from[stream_id]
         for stream_id, after in watched.items():
             session = self.sessions.get(stream_id) or self._finished(stream_id)
             if session is not None and stream_id not in self._relays:
                 self._relays[stream_id] = session.events.subscribe(after_seq=int(after))
+                self._relay_from[stream_id] = int(after)
 
     async def _relay_once(self) -> None:
         async with self._relay_lock:
             events: dict[str, list[tuple[int, str, str]]] = {}
+            starts: dict[str, int] = {}
             ended: list[str] = []
             for stream_id, subscriber in list(self._relays.items()):
                 batch, done = subscriber.drain()
                 if batch:
                     events[stream_id] = [(e.seq, e.type, e.data) for e in batch]
+                    starts[stream_id] = self._relay_from[stream_id]
                 if done:
                     ended.append(stream_id)
                     self._relays.pop(stream_id).close()
+                    del self._relay_from[stream_id]
             if not events and not ended:
                 return
             try:
-                watched = await asyncio.wait_for(self.directory.relay.remote(self.replica, events, ended), timeout=5)
+                watched = await asyncio.wait_for(self.directory.relay.remote(self.replica, events, ended, starts),
+                                                 timeout=5)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the watchers see a gap; the stream goes on
@@ -903,11 +913,16 @@ class Ingress:
                                  headers=SSE_HEADERS)
 
     def _summary(self, session: StreamSession) -> dict[str, Any]:
-        summary = session.summary() | {"owner": self.replica}
+        return session.summary() | {"owner": self.replica} | self._decoder(session)
+
+    def _record(self, session: StreamSession) -> dict[str, Any]:
+        """What the directory keeps of a stream (:meth:`StreamSession.record`)."""
+        return session.record(self.replica) | {"seq": session.events.seq} | self._decoder(session)
+
+    def _decoder(self, session: StreamSession) -> dict[str, Any]:
+        """A decoding stream's decoder counts, for its summary."""
         reader = self.readers.get(session.id)
-        if reader is not None:
-            summary["decoder"] = reader.stats()
-        return summary
+        return {"decoder": reader.stats()} if reader is not None else {}
 
     def _finished(self, stream_id: str) -> StreamSession | None:
         entry = self.finished.get(stream_id)

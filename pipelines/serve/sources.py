@@ -198,9 +198,10 @@ class KeyframeSkipper:
     def decode(self, t: float, keyframe: bool, reordered: bool) -> bool:
         """Whether to decode the packet of media time ``t``; a packet left out is counted (and reported
         to ``left_out`` by the reader)."""
-        if self.last_time is not None and t <= self.last_time:  # a discontinuity: a new clock
-            self.gop, self.last_key, self.due = None, None, None
-            self.intervals.clear()
+        if self.last_time is not None and t <= self.last_time:
+            # A discontinuity (a looping or restarted source): a new clock, the same encoder -- the
+            # interval holds, the keyframes are to be found again.
+            self.last_key, self.due = None, None
         self.last_time = t
         self.reorders = self.reorders or reordered
         if keyframe:
