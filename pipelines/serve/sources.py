@@ -353,12 +353,13 @@ class SourceReader(threading.Thread):
                     break
                 if skipper is not None and packet.pts is not None and packet.time_base is not None:
                     reordered = bool(ctx.has_b_frames) or (packet.dts is not None and packet.dts != packet.pts)
-                    if not skipper.decode(float(packet.pts * packet.time_base), packet.is_keyframe, reordered):
+                    packet_time = float(packet.pts * packet.time_base)
+                    if not skipper.decode(packet_time, packet.is_keyframe, reordered):
                         if decoding and not self._drain(stream, fps):
                             return
                         decoding = False
                         if skipper.left_out is not None:
-                            skipper.left_out(float(packet.pts * packet.time_base))
+                            skipper.left_out(packet_time)
                         continue
                     decoding = True
                 try:
