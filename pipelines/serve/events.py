@@ -34,8 +34,10 @@ class Event:
 class Subscriber:
     """One consumer's queue (a WebSocket sender or an SSE response)."""
 
-    def __init__(self, log: "EventLog", maxsize: int) -> None:
+    def __init__(self, log: "EventLog", maxsize: int, after_seq: int | None = None) -> None:
         self._log = log
+        self.after_seq = after_seq
+        """The seq it was asked to start after (None: from the next event)."""
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=maxsize)
         self._stash: list[Event | None] = []
         self.lost = 0
@@ -107,7 +109,7 @@ class EventLog:
 
     def subscribe(self, after_seq: int | None = None) -> Subscriber:
         """A new subscriber; with ``after_seq`` it first gets the ring's events after that one."""
-        subscriber = Subscriber(self, self.subscriber_queue)
+        subscriber = Subscriber(self, self.subscriber_queue, after_seq)
         if after_seq is not None:
             for event in self.ring:
                 if event.seq > after_seq:

@@ -338,9 +338,8 @@ class Ingress:
         self.metrics = ServeMetrics()
         self.loop_lag = LoopLag()
         # Streams of this replica that clients of other replicas watch (server-sent events relayed
-        # through the directory): their subscription here, and the seq it began after.
+        # through the directory): their subscription here (``after_seq``: where the forwarding began).
         self._relays: dict[str, Subscriber] = {}
-        self._relay_from: dict[str, int] = {}
         self._relay_lock = asyncio.Lock()
         self._tasks = [self.loop.create_task(self._sync_loop()), self.loop.create_task(self._housekeeping_loop()),
                        self.loop.create_task(self.loop_lag.run()), self.loop.create_task(self._relay_loop())]
@@ -637,14 +636,12 @@ class Ingress:
     def _update_relays(self, watched: dict[str, int]) -> None:
         """Forward the events of exactly the streams of this replica somebody watches elsewhere, from
         the seq wanted (again from an earlier one, when a watcher asked for it)."""
-        for stream_id in [s for s in self._relays if s not in watched or watched[s] < self._relay_from[s]]:
+        for stream_id in [s for s, sub in self._relays.items() if s not in watched or watched[s] < sub.after_seq]:
             self._relays.pop(stream_id).close()
-            del self._relay_from[stream_id]
         for stream_id, after in watched.items():
             session = self.sessions.get(stream_id) or self._finished(stream_id)
             if session is not None and stream_id not in self._relays:
                 self._relays[stream_id] = session.events.subscribe(after_seq=int(after))
-                self._relay_from[stream_id] = int(after)
 
     async def _relay_once(self) -> None:
         async with self._relay_lock:
@@ -655,11 +652,10 @@ class Ingress:
                 batch, done = subscriber.drain()
                 if batch:
                     events[stream_id] = [(e.seq, e.type, e.data) for e in batch]
-                    starts[stream_id] = self._relay_from[stream_id]
+                    starts[stream_id] = subscriber.after_seq
                 if done:
                     ended.append(stream_id)
                     self._relays.pop(stream_id).close()
-                    del self._relay_from[stream_id]
             if not events and not ended:
                 return
             try:
