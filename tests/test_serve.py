@@ -584,6 +584,31 @@ def test_a_reconnecting_client_resumes_where_it_was_and_is_told_about_restarts()
     assert url == "ws://h:1/v1/streams/cam/ws?token=t&after=23&window=2&open_window=3&open_steps=2"
 
 
+def test_stream_latency_percentiles_cover_the_last_ten_seconds_only():
+    """p50/p99 as np.percentile computes them, over the results of the horizon; older ones are gone
+    (a stream that runs for days must not rescan its whole history every second)."""
+    from pipelines.serve.stream import PUSH, StreamSession, parse_settings
+
+    async def scenario() -> None:
+        hub = _FakeHub()
+        session = StreamSession(hub, "cam", PUSH, parse_settings(hub.config, 4))
+        assert session.latency_percentiles() == {"p50": None, "p99": None, "count": 0}
+        now = time.monotonic()
+        rng = np.random.default_rng(0)
+        old = [(now - 30.0 + i * 0.01, 1000.0) for i in range(500)]  # outside the horizon: must not count
+        recent = rng.gamma(2.0, 20.0, size=37).tolist()
+        session.latencies.extend(old + [(now - 5.0 + i * 0.1, ms) for i, ms in enumerate(recent)])
+        got = session.latency_percentiles()
+        assert got["count"] == len(recent) and len(session.latencies) == len(recent)
+        assert got["p50"] == round(float(np.percentile(recent, 50)), 2)
+        assert got["p99"] == round(float(np.percentile(recent, 99)), 2)
+        session.latencies.append((now, 7.0))
+        assert session.latency_percentiles()["count"] == len(recent) + 1
+        await session.close("test")
+
+    asyncio.run(scenario())
+
+
 # ----------------------------------------------------------------------------------------- source readers
 class _SteppingHub(_FakeHub):
     """A hub whose 'model' answers every frame at once with the same logits."""
