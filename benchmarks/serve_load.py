@@ -581,11 +581,19 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     sampled = steps = windows = exits = 0
     drops: dict[str, int] = {}  # frames dropped, by reason
     p50s, p99s, fps = [], [], []
-    missing = received = decoded = 0
+    missing = stale = received = decoded = 0
     for sid in ids:
         a, b = before.get(sid), after.get(sid)
         if a is None or b is None or b["status"] != "live":
             missing += 1
+            continue
+        # With several ingress replicas, a stream another replica serves is reported as of its owner's
+        # last sync to the directory (about a window behind: a window's result makes the record due);
+        # an overloaded owner can fall so far behind that the second snapshot is hardly newer than the
+        # first, or older (its counters would seem to run backwards).
+        interval = (b.get("as_of") or 0) - (a.get("as_of") or 0)
+        if interval < args.duration / 2:
+            stale += 1
             continue
         ca, cb = a["counters"], b["counters"]
         sampled += cb["frames_sampled"] - ca["frames_sampled"]
@@ -598,10 +606,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         steps += cb["steps_done"] - ca["steps_done"]
         windows += cb["windows_done"] - ca["windows_done"]
         exits += cb["exits"] - ca["exits"]
-        # Over the interval between the two snapshots: with several ingress replicas, a stream another
-        # replica serves is reported as of its owner's last sync to the directory.
-        interval = (b.get("as_of") or 0) - (a.get("as_of") or 0)
-        fps.append((cb["frames_received"] - ca["frames_received"]) / (interval if interval > 1 else args.duration))
+        # Over the interval between the two snapshots (see above).
+        fps.append((cb["frames_received"] - ca["frames_received"]) / interval)
         if b["latency_ms"]["p50"] is not None:
             p50s.append(b["latency_ms"]["p50"])
             p99s.append(b["latency_ms"]["p99"])
@@ -610,6 +616,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(p50s))
     if missing:
         reasons.append(f"{missing} streams not live")
+    if stale:
+        reasons.append(f"{stale} streams' counters not refreshed by their replica")
     # UDP is paced by bytes, so over a few seconds a stream can run a little under its frame rate;
     # a decoder that cannot keep up falls well below (and loses datagrams).
     if fps and min(fps) < 0.8 * ts[2]:

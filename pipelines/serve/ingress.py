@@ -564,7 +564,7 @@ class Ingress:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - retried on the next tick
-                logger.info("directory sync failed (%s); retrying", error)
+                logger.warning("directory sync failed (%s); retrying", error)
                 self._dirty.update(ids)
                 self._removed.update(removed)
                 continue
@@ -626,7 +626,11 @@ class Ingress:
         except (StreamError, BudgetError, ValueError, KeyError) as error:
             logger.warning("cannot adopt stream %s: %s", record.get("stream_id"), error)
             return
-        logger.info("adopted pull stream %s from %s", session.id, previous.get("owner"))
+        # A warning, not info: a failover is what an operator wants to see in the replica's log (the
+        # server logs at WARNING by default), and an overloaded replica that misses its heartbeats
+        # for ``stale_after_s`` has its streams adopted while it still runs.
+        logger.warning("adopted pull stream %s from %s (its last record is %.0f s old)", session.id,
+                       previous.get("owner"), time.time() - float(previous.get("updated") or 0.0))
         self._start_reader(session, options)
 
     RELAY_INTERVAL_S = 0.1
