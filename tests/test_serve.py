@@ -467,11 +467,17 @@ def test_directory_relays_a_watched_streams_events_and_forwards_changes():
         assert not await directory.request_patch("nope", {"budget": "full"})
         assert (await directory.sync("A", [], []))["patch"] == {"cam2": {"budget": "full"}}
         assert (await directory.sync("A", [], []))["patch"] == {}
-        # B takes cam2 over (a reconnecting client); A's older report of it is refused and reported lost.
+        # B takes cam2 over (a reconnecting client); A's report of it is refused and reported lost, an
+        # older one and one made after the takeover alike (an overloaded A reports late).
         await directory.sync("B", [], [])
         await directory.claim("cam2", "B")
-        reply = await directory.sync("A", [dict(record, stream_id="cam2", kind="push", updated=time.time() - 10)], [])
-        assert reply["lost"] == ["cam2"] and (await directory.get("cam2"))["owner"] == "B"
+        for made in (time.time() - 10, time.time() + 1):
+            reply = await directory.sync("A", [dict(record, stream_id="cam2", kind="push", updated=made)], [])
+            assert reply["lost"] == ["cam2"] and (await directory.get("cam2"))["owner"] == "B"
+        # Once B stops reporting, A's copy is the stream again.
+        directory.heartbeats["B"] = time.time() - 60
+        reply = await directory.sync("A", [dict(record, stream_id="cam2", kind="push", updated=time.time())], [])
+        assert reply["lost"] == [] and (await directory.get("cam2"))["owner"] == "A"
 
     asyncio.run(scenario())
 

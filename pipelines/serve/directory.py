@@ -62,9 +62,13 @@ class StreamDirectory:
         lost = []
         for record in records:
             current = self.records.get(record["stream_id"])
-            if current is not None and current.get("owner") != owner and self._alive(current["owner"], now) \
-                    and current.get("updated", 0) > record.get("updated", 0):
-                lost.append(record["stream_id"])  # another live replica took the stream over since
+            if current is not None and current.get("owner") != owner and self._alive(current["owner"], now):
+                # Another live replica took the stream over (``claim``: a reconnecting client, or an
+                # adopted pull stream whose owner missed its heartbeats). A stream changes hands only
+                # through a claim, so this report is stale however recently it was made: an overloaded
+                # owner's next report, made after the adoption, must not take the stream back, or two
+                # replicas would serve it (and read the same source) in turn.
+                lost.append(record["stream_id"])
                 continue
             self.records[record["stream_id"]] = dict(record, owner=owner)
         for stream_id in removed:

@@ -1006,7 +1006,11 @@ class Ingress:
                 raise StreamError(409, CLOSE_CONFLICT, "this id is a pull stream")
             if params.get("budget") is not None:
                 session.set_budget(params["budget"])
-            return session  # a reconnecting client: the stream continues with its state
+            # A reconnecting client: the stream continues with its state. Claimed again all the same:
+            # the client may have been on another replica meanwhile, and the directory lets a stream
+            # change hands only through a claim (that replica's copy is then reported lost to it).
+            await self._claim(stream_id)
+            return session
         self._check_capacity()
         try:
             settings = parse_settings(self.config, self.num_frames,
