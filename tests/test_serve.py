@@ -814,6 +814,50 @@ def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path
     assert set(range(112, 140)) <= set(left_out[28:]) <= set(range(101, 140))
 
 
+def test_source_reader_decodes_small_pictures_in_its_own_thread_and_large_ones_in_frame_threads(tmp_path):
+    """Frame threads cost a small stream more CPU than they save (sources.py); a picture of at least
+    ``frame_threads_min_pixels`` gets them, so one stream can use more than a core. The size comes from
+    the probe, or -- pushed MPEG-TS joined between keyframes, where the probe finds none -- from the
+    first keyframe, before the decoder opens. Every frame from the first keyframe on is decoded, in
+    order, either way."""
+    import os
+
+    from pipelines.serve.sources import ChunkPipe, SourceReader, open_pipe
+    from tests.videos import read_index, write_video
+
+    # 96x64, keyframes at frames 0 and 300; joined 200 TS packets in, the first keyframe is frame 300.
+    data = write_video(tmp_path / "camera.ts", 400, gop=300, bframes=False, container_format="mpegts").read_bytes()
+
+    def play(join_at: int, min_pixels: int) -> tuple[int, str, list[int]]:
+        pipe = ChunkPipe()
+        pipe.feed(data[join_at:])
+        pipe.finish()
+        shown: list[int] = []
+        connected: list[str] = []
+
+        def on_frame(frame) -> bool:  # noqa: ANN001
+            shown.append(read_index(frame.frame.to_ndarray(format="rgb24")))
+            return True
+
+        def on_status(status: str, message: str, attempt: int) -> None:
+            if status == "connected":
+                connected.append(message)
+
+        reader = SourceReader(open_pipe(pipe), on_frame, on_status, name="camera", live=True, follow_clock=False,
+                              reconnect=False, exhausted=lambda: pipe.exhausted, frame_threads_min_pixels=min_pixels)
+        reader.run()
+        assert reader.stats()["decode_errors"] == 0
+        return reader.stats()["decoder_threads"], connected[0], shown
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    frame_threads = (lambda threads: threads > 1) if cpus > 1 else (lambda threads: threads == 1)  # none on 1 CPU
+    for join_at, size, first in ((0, "96x64", 0), (188 * 200, "size from the first keyframe", 300)):
+        threads, connected, shown = play(join_at, 96 * 64 + 1)
+        assert size in connected and threads == 1 and shown == list(range(first, 400))
+        threads, connected, shown = play(join_at, 96 * 64)
+        assert frame_threads(threads) and shown == list(range(first, 400))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
 def test_source_reader_threads_carry_their_stream_in_their_os_name():
     """Operators see which stream a busy thread serves (top -H, profilers): the reader names itself."""

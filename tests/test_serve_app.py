@@ -461,8 +461,9 @@ def test_pull_mpegts_over_udp_and_tcp_with_reconnect(server, shared_video_paths)
         assert listing["udp-cam"]["status"] == "live" and listing["tcp-cam"]["kind"] == "pull"
         status = server.get("/v1/streams/tcp-cam").json()
         assert status["counters"]["steps"] > 0 and status["fps_in"] > 5
-        assert set(status["decoder"]) == {"frames_decoded", "packets_left_out", "decode_errors"}
+        assert set(status["decoder"]) == {"frames_decoded", "packets_left_out", "decode_errors", "decoder_threads"}
         assert status["decoder"]["frames_decoded"] > 0
+        assert status["decoder"]["decoder_threads"] == 1  # a small picture decodes in its reader thread
         for name in ("udp-cam", "tcp-cam"):
             assert requests.delete(f"{server.url}/v1/streams/{name}", headers=AUTH, timeout=30).status_code == 204
         udp_thread.join(20)

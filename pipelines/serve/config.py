@@ -146,6 +146,11 @@ class ServeConfig:
     reconnect_max_s: float = 10.0
     reconnect_attempts: int = 0
     """Failed (re)connections in a row before a pull stream gives up; 0 = until the idle timeout."""
+    frame_threads_min_pixels: int = 1280 * 720
+    """Sources (pulled, and pushed MPEG-TS) with pictures at least this large (width x height) decode
+    in FFmpeg's frame threads, several frames at once, so that one stream can need more than a core;
+    smaller ones decode in their reader thread, which costs far less CPU per stream (see
+    ``pipelines/serve/sources.py``). 0 = frame threads for every source."""
 
     # -- fault tolerance -----------------------------------------------------------------------------------
     sync_interval_s: float = 1.0
@@ -180,6 +185,8 @@ class ServeConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.frame_threads_min_pixels < 0:
+            raise ConfigError(f"frame_threads_min_pixels must be >= 0, got {self.frame_threads_min_pixels!r}")
         if self.window_frames < 0 or self.window_seconds < 0:
             raise ConfigError("window_frames and window_seconds must be >= 0")
 

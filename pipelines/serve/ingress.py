@@ -513,7 +513,8 @@ class Ingress:
                               reconnect_initial_s=options.reconnect_initial_s,
                               reconnect_max_s=options.reconnect_max_s,
                               reconnect_attempts=options.reconnect_attempts,
-                              skipper=self._skipper(session, gate))
+                              skipper=self._skipper(session, gate),
+                              frame_threads_min_pixels=self.config.frame_threads_min_pixels)
         self.readers[session.id] = reader
         reader.start()
 
@@ -1126,7 +1127,8 @@ class Ingress:
                                           partial(self._on_source_status, session, gate), name=f"{session.id}-ts",
                                           live=True, follow_clock=False, max_pixels=self.config.max_pixels,
                                           reconnect_initial_s=0.0, reconnect_max_s=0.0, reconnect_attempts=20,
-                                          exhausted=lambda: pipe.exhausted, skipper=self._skipper(session, gate))
+                                          exhausted=lambda: pipe.exhausted, skipper=self._skipper(session, gate),
+                                          frame_threads_min_pixels=self.config.frame_threads_min_pixels)
             channel.reader.start()
         if not channel.pipe.feed(body):
             session.counters.drop("decoder_backlog")

@@ -235,7 +235,7 @@ class SourceReader(threading.Thread):
                  name: str, live: bool, follow_clock: bool, loop: bool = False, max_pixels: int = 3840 * 2160,
                  reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0, reconnect_attempts: int = 0,
                  reconnect: bool = True, exhausted: Callable[[], bool] | None = None,
-                 skipper: KeyframeSkipper | None = None) -> None:
+                 skipper: KeyframeSkipper | None = None, frame_threads_min_pixels: int = 1280 * 720) -> None:
         super().__init__(name=f"source-{name}", daemon=True)
         self._opener = opener
         self._on_frame = on_frame
@@ -252,18 +252,24 @@ class SourceReader(threading.Thread):
         """For pushed chunks: True once the client has finished and everything was read."""
         self.skipper = skipper
         """Leaves out packets no wanted frame depends on (None: decode every packet)."""
+        self.frame_threads_min_pixels = frame_threads_min_pixels
+        """Sources at least this large decode in FFmpeg's frame threads, smaller ones in this thread."""
         self._halt = threading.Event()
         self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
         self.attempt_frames = 0
         self.decode_errors = 0
         self.frames_decoded = 0
+        self.decoder_threads = 0
+        """Threads decoding the current connection (1: this one; more: FFmpeg's frame threads); 0
+        until its first frame."""
         self.errors: list[str] = []
 
     def stats(self) -> dict[str, int]:
         """What the decoder did: frames decoded, packets left undecoded (after early exits), packets
-        that failed to decode."""
+        that failed to decode; and the threads it decodes in."""
         return {"frames_decoded": self.frames_decoded, "decode_errors": self.decode_errors,
-                "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0}
+                "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0,
+                "decoder_threads": self.decoder_threads}
 
     def stop(self) -> None:
         self._halt.set()
@@ -330,11 +336,6 @@ class SourceReader(threading.Thread):
             if not container.streams.video:
                 raise SourceError("the source has no video stream")
             stream = container.streams.video[0]
-            # AUTO (frame threads for H.264: the decoding runs in FFmpeg's threads) measured best on a
-            # busy ingress: with 40 pulled streams on 2 cores, frame latency p50 50-90 ms, against
-            # 150 ms decoding in this thread and 325-600 ms with slice threads, at the same CPU --
-            # the decoding reader threads delay the event loop that serves every stream.
-            stream.thread_type = "AUTO"
             ctx = stream.codec_context
             if ctx.width and ctx.height and ctx.width * ctx.height > self.max_pixels:
                 raise SourceError(f"resolution {ctx.width}x{ctx.height} exceeds the limit of {self.max_pixels} pixels")
@@ -348,6 +349,8 @@ class SourceReader(threading.Thread):
                 skipper.reset()
             undecodable = 0
             decoding = True  # False while packets are left out
+            self.decoder_threads = 0
+            threads_chosen = False
             for packet in container.demux(stream):
                 if self._halt.is_set():
                     break
@@ -362,6 +365,16 @@ class SourceReader(threading.Thread):
                             skipper.left_out(packet_time)
                         continue
                     decoding = True
+                if not threads_chosen:
+                    # The decoder's threads are chosen before it opens, by the picture size: from the
+                    # probe, or from the first keyframe when the probe did not reach one (a live source
+                    # joined between keyframes: nothing decodes before its next keyframe anyway).
+                    pixels = ctx.width * ctx.height or (_keyframe_pixels(ctx, packet) if packet.is_keyframe else 0)
+                    if not pixels and undecodable < self.UNSIZED_PACKETS:
+                        undecodable += 1
+                        continue
+                    self._choose_threads(stream, pixels)
+                    threads_chosen = True
                 try:
                     frames = packet.decode()
                 except av.error.FFmpegError as error:
@@ -370,10 +383,30 @@ class SourceReader(threading.Thread):
                     if undecodable > self.MAX_UNDECODABLE_PACKETS:
                         raise SourceError(f"nothing decodes ({_describe(error)})") if not self.live else error
                     continue
+                if frames and not self.decoder_threads:
+                    self.decoder_threads = ctx.thread_count  # FFmpeg's choice is known once it decodes
                 for frame in frames:
                     undecodable = 0
                     if not self._deliver(frame, fps):
                         return
+
+    # Packets to wait for a keyframe that gives the picture size before decoding without it (10 s at
+    # 25 fps; a source whose demuxer flags no keyframes).
+    UNSIZED_PACKETS = 250
+
+    def _choose_threads(self, stream: Any, pixels: int) -> None:
+        if not pixels or pixels >= self.frame_threads_min_pixels:
+            # A large picture (or an unknown one): FFmpeg's frame threads decode several frames at
+            # once, so one stream keeps its frame rate beyond what one core decodes.
+            stream.thread_type = "AUTO"
+        else:
+            # A small picture decodes in this thread, the GIL released (PyAV). Frame threads cost more
+            # CPU than they save here: with 96 pulled 128x128 streams on 2 cores they spent 2.9 ms/s
+            # per stream whether the stream decoded all 25 frames a second or, after early exits, 8
+            # from its keyframes -- each restart at a keyframe wakes and flushes them all -- against
+            # 3.9 (exits) and 7.1 ms/s (all) for the whole reader decoding in its own thread. They
+            # also hold each frame back a few frames.
+            stream.codec_context.thread_count = 1
 
     def _drain(self, stream: Any, fps: float) -> bool:
         """Before packets are left out: hand over the frames the decoder still holds (frame threads
@@ -415,6 +448,20 @@ class SourceReader(threading.Thread):
             if self._halt.wait(0.01):  # ``block`` policy: wait for room
                 return False
         return True
+
+
+def _keyframe_pixels(ctx: Any, packet: Any) -> int:
+    """Width x height of a keyframe's picture, decoded aside in a decoder of its own (0 if it does not
+    decode): the stream's decoder cannot change its threads once it has opened."""
+    aside = av.CodecContext.create(ctx.name, "r")
+    if ctx.extradata:
+        aside.extradata = ctx.extradata
+    aside.thread_count = 1
+    try:
+        frames = aside.decode(packet) + aside.decode(None)
+    except av.error.FFmpegError:
+        return 0
+    return max((frame.width * frame.height for frame in frames), default=0)
 
 
 def open_url(options: SourceOptions) -> Callable[[], Any]:
