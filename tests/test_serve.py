@@ -856,6 +856,10 @@ def test_source_reader_decodes_small_pictures_in_its_own_thread_and_large_ones_i
         assert size in connected and threads == 1 and shown == list(range(first, 400))
         threads, connected, shown = play(join_at, 96 * 64)
         assert frame_threads(threads) and shown == list(range(first, 400))
+    # A keyframe that does not decode gives no size (the reader then takes frame threads, the safe side).
+    from pipelines.serve.sources import _keyframe_pixels
+
+    assert _keyframe_pixels(av.CodecContext.create("h264", "r"), av.Packet(b"\x00\x00\x01\x65garbage")) == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")

@@ -370,7 +370,7 @@ class SourceReader(threading.Thread):
                     # probe, or from the first keyframe when the probe did not reach one (a live source
                     # joined between keyframes: nothing decodes before its next keyframe anyway).
                     pixels = ctx.width * ctx.height or (_keyframe_pixels(ctx, packet) if packet.is_keyframe else 0)
-                    if not pixels and undecodable < self.UNSIZED_PACKETS:
+                    if not pixels and not packet.is_keyframe and undecodable < self.UNSIZED_PACKETS:
                         undecodable += 1
                         continue
                     self._choose_threads(stream, pixels)
@@ -390,8 +390,9 @@ class SourceReader(threading.Thread):
                     if not self._deliver(frame, fps):
                         return
 
-    # Packets to wait for a keyframe that gives the picture size before decoding without it (10 s at
-    # 25 fps; a source whose demuxer flags no keyframes).
+    # Packets to wait for a keyframe that gives the picture size before decoding without it -- in
+    # frame threads, as for a keyframe that does not give it (10 s at 25 fps; a source whose demuxer
+    # flags no keyframes).
     UNSIZED_PACKETS = 250
 
     def _choose_threads(self, stream: Any, pixels: int) -> None:
@@ -453,13 +454,13 @@ class SourceReader(threading.Thread):
 def _keyframe_pixels(ctx: Any, packet: Any) -> int:
     """Width x height of a keyframe's picture, decoded aside in a decoder of its own (0 if it does not
     decode): the stream's decoder cannot change its threads once it has opened."""
-    aside = av.CodecContext.create(ctx.name, "r")
-    if ctx.extradata:
-        aside.extradata = ctx.extradata
-    aside.thread_count = 1
     try:
+        aside = av.CodecContext.create(ctx.name, "r")
+        if ctx.extradata:
+            aside.extradata = ctx.extradata
+        aside.thread_count = 1
         frames = aside.decode(packet) + aside.decode(None)
-    except av.error.FFmpegError:
+    except (av.error.FFmpegError, ValueError):  # no decoder of that name, or the keyframe does not decode
         return 0
     return max((frame.width * frame.height for frame in frames), default=0)
 
