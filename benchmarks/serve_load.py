@@ -212,7 +212,7 @@ def stamped(pts: float, jpeg: bytes) -> bytes:
 
 # ------------------------------------------------------------------------------------------ in-process
 def direct_latency(loaded: Any, frames: list[tuple[float, bytes]], window_frames: int, repeats: int,
-                   interval: float = 0.0, tick: float = 0.0) -> list[float]:
+                   interval: float = 0.0, tick: float = 0.0, trace: bool = True) -> list[float]:
     """Per-frame time of the work the server does for a sampled frame, done directly: decode the JPEG,
     transform, one model step (batch 1) carrying the state from the previous step of the window.
 
@@ -226,7 +226,7 @@ def direct_latency(loaded: Any, frames: list[tuple[float, bytes]], window_frames
     from pipelines.serve.frames import FrameTransform, ImageDecoder, Preprocess
 
     torch.set_num_threads(1)  # as the recognizer replica (torch_threads=1)
-    engine = StepEngine(loaded.model)
+    engine = StepEngine(loaded.model, trace=trace)  # as the server's (ServeConfig.trace_model)
     transform = FrameTransform(Preprocess.from_data(loaded.data, loaded.model.input_size))
     decoder = ImageDecoder()
     times = []
@@ -762,7 +762,8 @@ async def latency_rounds(urls: dict[str, str], probe: Any, probe_request: Any, l
     calls = 5 + int(args.latency_duration / args.sampling_interval)
     rounds = []
     for r in range(args.latency_rounds):
-        paced = direct_latency(loaded, frames, T, calls, interval=args.sampling_interval, tick=1 / args.fps)
+        paced = direct_latency(loaded, frames, T, calls, interval=args.sampling_interval, tick=1 / args.fps,
+                               trace=args.trace_model)
         trials = {layout: await single_stream_latency(url, frames, args, "full") for layout, url in urls.items()}
         hop = await probe.measure.remote(probe_request, calls, args.sampling_interval, 1 / args.fps)
         rounds.append(LatencyRound(paced, trials, hop))
@@ -820,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
                              "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
+    parser.add_argument("--trace-model", action=argparse.BooleanOptionalAction, default=True,
+                        help="the model's step as a TorchScript trace (ServeConfig.trace_model, the default), in "
+                             "the server and the in-process baseline; --no-trace-model: eager")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--resolution", type=float, default=0.1,
                         help="stop bisecting the sustained N when the bracket is within this share of it")
@@ -886,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process baseline's best case: back to back, caches hot -- on this kind of machine the same
     # call is much faster that way than at a stream's pace, so the ratio against it is printed too. The
     # like-for-like baseline (paced as the stream) is measured in every latency round, beside the server.
-    direct = direct_latency(loaded, media["jpeg"], T, 205)
+    direct = direct_latency(loaded, media["jpeg"], T, 205, trace=args.trace_model)
     log(f"in-process: decode + transform + model.step (batch 1), back to back p50 {percentile(direct, 50):.2f} ms "
         f"p99 {percentile(direct, 99):.2f} ms")
 
@@ -905,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
                            # Ray's logical CPUs (one per core here) must hold both layouts' replicas at
                            # once for the latency rounds, or the second layout never starts.
                            ingress_cpus=min(0.5, max(1, (os.cpu_count() or 2) - 1) / (args.ingress_replicas + 1)),
-                           high_throughput="true" if args.high_throughput else "false")
+                           high_throughput="true" if args.high_throughput else "false", trace_model=args.trace_model)
 
     config = start(serve_config(args.colocate))
     base = config.url
@@ -919,8 +923,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(answering) < args.ingress_replicas:
         log(f"serve_load: only {len(answering)} of {args.ingress_replicas} ingress replicas answered within 2 min")
     info = HTTP.get(base + "/v1/info", timeout=30).json()
-    log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}); "
-        f"{args.ingress_replicas} ingress replica(s), e.g. {info['replica']}; recognizer {info['recognizer_replica']}")
+    log(f"serving at {base} ({'model in the ingress' if args.colocate else 'separate Recognizer'}, step "
+        f"{info.get('model_runtime')}); {args.ingress_replicas} ingress replica(s), e.g. {info['replica']}; "
+        f"recognizer {info['recognizer_replica']}")
 
     trials: list[Trial] = []
 

@@ -265,6 +265,54 @@ def test_engine_batches_streams_exactly_like_separate_steps(small_model):
         assert int(state["t"][0]) == 2
 
 
+def test_engine_traced_step_gives_the_eager_steps_results(small_model):
+    """The TorchScript trace (trace_step) serves every batch size with the eager step's results."""
+    traced, eager = StepEngine(small_model), StepEngine(small_model, trace=False)
+    assert (traced.runtime, eager.runtime) == ("torchscript", "eager")
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (5, 3, 64, 64, 3), dtype=np.uint8)  # 5 streams x 3 frames
+    last: dict[str, list] = {"t": [None] * 5, "e": [None] * 5}  # each stream's latest result
+    for t, streams in enumerate([range(5), range(1, 3), range(4)]):  # batches of 5, 2 and 4
+        for name, engine in (("t", traced), ("e", eager)):
+            results = engine.run([StepRequest(f"s{i}", frames[i, t], last[name][i] and last[name][i].state)
+                                  for i in streams])
+            for i, result in zip(streams, results):
+                last[name][i] = result
+        for i in streams:
+            a, b = last["t"][i], last["e"][i]
+            assert a.batch_size == b.batch_size == len(streams)
+            np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(a.box, b.box, atol=1e-4)
+            assert a.macs == b.macs
+            for key in b.state:
+                np.testing.assert_allclose(a.state[key], b.state[key], rtol=1e-4, atol=1e-5)
+    assert [int(last["t"][i].state["t"][0]) for i in range(5)] == [2, 3, 3, 2, 1]
+
+
+class BatchSizeDependentStep(torch.nn.Module):
+    """A step with Python control flow on the batch size: a trace records one branch only."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.input_size = inner, inner.input_size
+
+    def init_state(self, batch_size, device=None):
+        return self.inner.init_state(batch_size, device)
+
+    def step(self, frames, state):
+        out = self.inner.step(frames, state)
+        return out._replace(logits=out.logits + 1) if frames.shape[0] == 2 else out
+
+
+def test_engine_keeps_the_eager_step_when_the_trace_differs(small_model):
+    engine = StepEngine(BatchSizeDependentStep(small_model))  # traced at batch size 2, checked at 1 and 3
+    assert engine.runtime == "eager" and "differs from the eager step" in engine.runtime_note, engine.runtime_note
+    frame = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    (one,) = engine.run([StepRequest("a", frame)])
+    (reference,) = StepEngine(small_model, trace=False).run([StepRequest("a", frame)])
+    np.testing.assert_allclose(one.logits, reference.logits, atol=1e-6)
+
+
 def test_engine_never_puts_two_frames_of_one_stream_in_a_pass(small_model):
     engine = StepEngine(small_model)
     rng = np.random.default_rng(1)

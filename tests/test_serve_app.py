@@ -315,6 +315,7 @@ def test_health_info_openapi_and_auth(server):
     assert requests.get(server.url + f"/v1/info?token={TOKEN}", timeout=10).status_code == 200
     info = server.info()
     assert info["model"]["classes"] == CLASSES and info["model"]["num_frames"] == T
+    assert info["model_runtime"] == "torchscript"  # the Recognizer's step is traced (trace_model=true)
     assert info["budget"]["budget"] == "auto"
     # The session's Ray runs the product's default data plane (tests/conftest.py): HAProxy + gRPC handles.
     expected = os.environ.get("ADASTREAM_TEST_SERVE_PROXY", "haproxy") == "haproxy"
@@ -873,6 +874,7 @@ def test_model_colocated_in_the_ingress(server, shared_video_paths, reference):
         colocated = Server(config.url, config.url.replace("http://", "ws://"), config, server.registered)
         info = colocated.info()
         assert info["replica"] == info["recognizer_replica"]  # one replica does both
+        assert info["model_runtime"] == "torchscript"  # results checked against the eager reference below
         video = next(p for p in shared_video_paths if p.name == "test_mpeg4_audio.avi")
         fps = 10.0
         messages = jpeg_messages(video, 30, fps)
@@ -1074,7 +1076,8 @@ def test_tokenless_loopback_server_runs_on_serves_python_proxy(registered, share
     """`python -m pipelines.serve` with no token (the laptop case): its own Ray, loopback only, and
     Serve's Python proxy with actor-call handles (high_throughput=auto stays off without a token,
     because Ray's HAProxy mode would expose the replica's port on all interfaces). The rest of this
-    file covers the HAProxy + gRPC data plane that a server with a token runs."""
+    file covers the HAProxy + gRPC data plane that a server with a token runs. It also runs the model's
+    step eagerly (trace_model=false on the command line), which the rest does not."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_SERVE_") and k not in ("ADASTREAM_TOKEN", "RAY_ADDRESS")}
     env.update(MLFLOW_TRACKING_URI=registered["tracking_uri"], PYTHONUNBUFFERED="1")
@@ -1082,7 +1085,8 @@ def test_tokenless_loopback_server_runs_on_serves_python_proxy(registered, share
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "pipelines.serve", f"port={port}",
-                               f"model_uri={registered['model_uri']}", f"window_seconds={WINDOW_S}"],
+                               f"model_uri={registered['model_uri']}", f"window_seconds={WINDOW_S}",
+                               "trace_model=false"],
                               cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def up() -> bool:
@@ -1097,6 +1101,7 @@ def test_tokenless_loopback_server_runs_on_serves_python_proxy(registered, share
         info = requests.get(url + "/v1/info", timeout=10).json()
         assert info["auth"] is False
         assert info["data_plane"] == {"http": "python_proxy", "handles": "ray_actor_calls"}
+        assert info["model_runtime"] == "eager"  # trace_model=false from the command line
         short = next(p for p in shared_video_paths if p.name == "short_32frames.mp4")
         done = subprocess.run([sys.executable, str(REPO / "pipelines" / "stream_client.py"), str(short),
                                "--server", url, "--stream-id", "laptop", "--speed", "4"],

@@ -355,12 +355,13 @@ class Ingress:
         torch.set_num_threads(self.config.torch_threads)
         device = resolve_device(self.config.device)
         loaded = load_registered_model(self.config.model_uri, tracking_uri=self.config.tracking_uri, device=device)
-        self.local_engine = StepEngine(loaded.model, device, replica=self.replica)
+        self.local_engine = StepEngine(loaded.model, device, replica=self.replica, trace=self.config.trace_model)
         # Same cross-stream batching as the Recognizer, in this process; the pass runs in a thread so
         # the WebSockets keep flowing meanwhile.
         self.local_batcher = StepBatcher(pass_in_thread(self.local_engine), self.config.max_batch_size,
                                          self.config.batch_wait_timeout_s)
-        return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica)
+        return dict(model_metadata(loaded), model_uri=self.config.model_uri, replica=self.replica,
+                    runtime=self.local_engine.runtime)
 
     # ================================================================ Hub interface (for sessions)
     async def step(self, request: StepRequest) -> StepResult:
@@ -734,6 +735,7 @@ class Ingress:
         return {
             "model": {k: self.meta[k] for k in ("model_uri", "method", "classes", "num_frames", "data",
                                                 "input_size", "step_macs", "warnings")},
+            "model_runtime": self.meta.get("runtime"),
             "budget": self._default.to_dict(), "budgets": self.catalog.describe(),
             "defaults": {"window_frames": cfg.window_frames or self.num_frames, "window_seconds": cfg.window_seconds,
                          "top_k": cfg.top_k, "emit": cfg.emit, "drop_policy": cfg.drop_policy},

@@ -64,14 +64,16 @@ class Recognizer:
             logger.warning("Recognizer: %s", warning)
         context = serve.get_replica_context()
         self.replica = context.replica_id.to_full_id_str()
-        self.engine = StepEngine(loaded.model, device, replica=self.replica)
+        self.engine = StepEngine(loaded.model, device, replica=self.replica, trace=config.trace_model)
+        self.meta["runtime"] = self.engine.runtime
         from pipelines.serve.metrics import RecognizerMetrics
 
         self.metrics = RecognizerMetrics()
         self.batcher = StepBatcher(pass_in_thread(self.engine), config.max_batch_size, config.batch_wait_timeout_s,
                                    observe=self.metrics.observe)
-        logger.info("Recognizer %s: %s (%s, %d classes, T=%d) on %s in %.1f s", self.replica, config.model_uri,
-                    loaded.method, len(loaded.classes), loaded.num_frames, device, time.perf_counter() - started)
+        logger.info("Recognizer %s: %s (%s, %d classes, T=%d) on %s, %s, in %.1f s", self.replica, config.model_uri,
+                    loaded.method, len(loaded.classes), loaded.num_frames, device, self.engine.runtime,
+                    time.perf_counter() - started)
 
     async def step(self, request: StepRequest) -> StepResult:
         """One frame of one stream; returns once the batch it joined has been stepped."""
