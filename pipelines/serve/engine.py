@@ -86,16 +86,16 @@ def trace_step(model: torch.nn.Module, device: torch.device, rtol: float = 1e-3,
     """``model.step`` as a TorchScript trace optimised for inference, or None and why not.
 
     Why: a recurrent step of a small model is dozens of small operators (the demo model: 40
-    convolutions, 39 batch norms), and in eager mode Python's dispatch between them costs as much as
-    the arithmetic. Measured on the demo model, one CPU thread: 5.4 -> 3.1 ms per pass of 1 frame,
-    8.1 -> 4.3 ms for 4, 10.7 -> 6.4 ms for 8 (``benchmarks/step_runtime.py``); ``optimize_for_inference``
-    folds the batch norms into the convolutions. And the whole pass runs in C++ without the GIL, where
-    an eager pass takes the GIL back after every operator -- in a serving process whose many reader
-    threads also want it, each of those is a wait.
+    convolutions, 39 batch norms), and in eager mode Python's dispatch between them costs about as
+    much as the arithmetic. ``optimize_for_inference`` also folds the batch norms into the
+    convolutions, and the whole pass runs in C++ without taking the GIL back between operators.
+    Measured with the demo model on one CPU thread, a whole engine pass (``benchmarks/step_runtime.py``):
+    5.9 -> 3.8 ms for 1 frame, 9.1 -> 5.4 ms for 4, 18.1 -> 12.2 ms for 16.
 
-    Why TorchScript although PyTorch deprecates it: measured on the same model, ``torch.compile`` is no
-    faster (3.0 / 5.4 / 7.2 ms) and needs a C++ toolchain and 50 s of compiling per replica start, and
-    ``torch.export``'s module runs slower than eager.
+    Why TorchScript although PyTorch deprecates it: on the same model, the bare step for 1 / 4 / 8
+    frames took 3.0 / 5.4 / 7.2 ms with ``torch.compile`` against 3.1 / 4.3 / 6.4 ms traced, and
+    ``torch.compile`` needs a C++ toolchain and 50 s of compiling per replica start; ``torch.export``'s
+    module ran slower than eager.
 
     A trace records one path through the Python code: a step whose control flow depends on the values
     or the batch size would be traced wrongly. So the trace is checked against the eager step at two
