@@ -143,14 +143,15 @@ def server(ray_session, registered) -> Server:
 
 @pytest.fixture(scope="module")
 def reference(registered):
-    """The registered model in this process, to recompute what the server should have predicted."""
+    """The registered model in this process, to recompute what the server should have predicted --
+    with the eager step, so the server's traced step (trace_model) is checked against it."""
     from pipelines.registry import load_registered_model
     from pipelines.serve.engine import StepEngine
     from pipelines.serve.frames import FrameTransform, ImageDecoder, Preprocess
 
     with _mlflow_store(registered["tracking_uri"]):
         loaded = load_registered_model(registered["model_uri"], tracking_uri=registered["tracking_uri"])
-    return {"engine": StepEngine(loaded.model), "transform": FrameTransform(Preprocess(72, 64)),
+    return {"engine": StepEngine(loaded.model, trace=False), "transform": FrameTransform(Preprocess(72, 64)),
             "decoder": ImageDecoder()}
 
 

@@ -102,7 +102,8 @@ class ServeConfig:
     """Run the model's recurrent step as a TorchScript trace optimised for inference (1.5-1.8x faster
     passes for the demo model on a CPU, and no GIL taken between operators); a trace that does not
     reproduce the eager step at other batch sizes is refused and the step runs eagerly
-    (``pipelines/serve/engine.py``, ``trace_step``; GET /v1/info says which runs)."""
+    (``pipelines/serve/engine.py``, ``trace_step``; GET /v1/info says which runs). The trace holds a
+    frozen copy of the weights beside the model's own."""
     ingress_replicas: int = 1
     """Ingress replicas (processes) sharing the streams: each decodes its own pulled sources and holds
     its own WebSockets, so more of them spread the per-frame work over more cores (and nodes). A client
