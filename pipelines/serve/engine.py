@@ -107,14 +107,15 @@ def trace_step(model: torch.nn.Module, device: torch.device, rtol: float = 1e-3,
         return None, "the model has no input_size"
     generator = torch.Generator().manual_seed(0)
 
-    def example(batch: int) -> tuple[torch.Tensor, State]:
+    def example(batch: int) -> tuple[torch.Tensor, StepOutput]:
+        """Frames and the output of a first step on them, whose state is one past step 0."""
         frames = torch.randn(batch, 3, size, size, generator=generator).to(device)
-        return frames, model.step(frames, model.init_state(batch, device)).state  # a state past step 0
+        return frames, model.step(frames, model.init_state(batch, device))
 
     try:
         with torch.no_grad():
-            frames, state = example(2)
-            first = model.step(frames, state)
+            frames, first = example(2)
+            state = first.state
             state_keys = list(state)
             extra_keys = [k for k, v in first.extra.items() if isinstance(v, torch.Tensor)]
             flat = _FlatStep(model, state_keys, extra_keys).eval()
@@ -132,8 +133,8 @@ def trace_step(model: torch.nn.Module, device: torch.device, rtol: float = 1e-3,
                                   dict(zip(extra_keys, out[2 + n:])))
 
             for batch in (1, 3):
-                frames, state = example(batch)
-                want, got = model.step(frames, state), step(frames, state)
+                frames, first = example(batch)
+                want, got = model.step(frames, first.state), step(frames, first.state)
                 pairs = [("logits", want.logits, got.logits), ("flops", want.flops, got.flops)]
                 pairs += [(f"state {k}", want.state[k], got.state[k]) for k in state_keys]
                 pairs += [(f"extra {k}", want.extra[k], got.extra[k]) for k in extra_keys]
