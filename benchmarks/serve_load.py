@@ -287,6 +287,9 @@ class Trial:
     decoded_share: float = float("nan")
     """Pull: the share of the frames received that the server decoded (the rest were left undecoded
     after early exits, :class:`~pipelines.serve.sources.KeyframeSkipper`)."""
+    dozed_share: float = float("nan")
+    """Pull: the share of the time the server's readers slept through packets they left out instead of
+    waking for each (:class:`~pipelines.serve.sources.Dozer`)."""
     latencies: list[float] = field(default_factory=list, repr=False)
     """The server's per-frame latencies (push), for pooling the one-stream trials of several rounds."""
 
@@ -297,7 +300,8 @@ class Trial:
                 f"ms/stream/s | steps {self.steps:6d} windows {self.windows:5d} exits {self.exits:5d} "
                 f"dropped {self.dropped}/{self.sampled} | loop lag p50 {self.loop_lag_ms.get('p50')} "
                 f"max {self.loop_lag_ms.get('max')} ms"
-                + (f" | decoded {self.decoded_share:.0%}" if self.decoded_share == self.decoded_share else ""))
+                + (f" | decoded {self.decoded_share:.0%}" if self.decoded_share == self.decoded_share else "")
+                + (f" dozed {self.dozed_share:.0%}" if self.dozed_share == self.dozed_share else ""))
 
 
 async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
@@ -582,6 +586,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     drops: dict[str, int] = {}  # frames dropped, by reason
     p50s, p99s, fps = [], [], []
     missing = stale = received = decoded = 0
+    dozed = span = 0.0
     for sid in ids:
         a, b = before.get(sid), after.get(sid)
         if a is None or b is None or b["status"] != "live":
@@ -599,6 +604,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         sampled += cb["frames_sampled"] - ca["frames_sampled"]
         received += cb["frames_received"] - ca["frames_received"]
         decoded += b.get("decoder", {}).get("frames_decoded", 0) - a.get("decoder", {}).get("frames_decoded", 0)
+        dozed += b.get("decoder", {}).get("dozed_s", 0.0) - a.get("decoder", {}).get("dozed_s", 0.0)
+        span += interval
         for reason, count in cb["dropped"].items():
             drops[reason] = drops.get(reason, 0) + count - ca["dropped"].get(reason, 0)
         # Windows that ended in the interval and their steps: begun-window counts would miscount the
@@ -626,7 +633,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         reasons.append(f"sender {sender.late:.1f} s behind")
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled,
                  sum(drops.values()), steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()),
-                 cpu_parts=cpu_parts, loop_lag_ms=lag, decoded_share=decoded / received if received else float("nan"))
+                 cpu_parts=cpu_parts, loop_lag_ms=lag, decoded_share=decoded / received if received else float("nan"),
+                 dozed_share=dozed / span if span else float("nan"))
 
 
 def limits_of(args: argparse.Namespace) -> dict[str, float]:
@@ -994,7 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {exit_best.server_p99:.1f} ms; {exit_best.steps / max(exit_best.windows, 1):.2f} frames "
                 f"per window ({exit_best.exits} of {exit_best.windows} windows exited early)"
                 + (f"; {exit_best.decoded_share:.0%} of the frames received decoded"
-                   if exit_best.decoded_share == exit_best.decoded_share else ""))
+                   if exit_best.decoded_share == exit_best.decoded_share else "")
+                + (f"; readers dozed {exit_best.dozed_share:.0%} of the time"
+                   if exit_best.dozed_share == exit_best.dozed_share else ""))
         if full_best:
             log(f"  at {n_full} streams without exit: p50 {full_best.server_p50:.1f} ms, p99 "
                 f"{full_best.server_p99:.1f} ms; {full_best.steps / max(full_best.windows, 1):.2f} frames per window")
@@ -1035,6 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{transport}_latency_p99_ms": round(exit_best.server_p99, 1) if exit_best else None})
         if transport == "pull" and exit_best:
             headline["pull_decoded_share_exit"] = round(exit_best.decoded_share, 3)
+            headline["pull_dozed_share_exit"] = round(exit_best.dozed_share, 3)
     log(f"latency parts (p50, ms, median of the rounds): separate Recognizer {breakdown['separate']}; model in "
         f"the ingress {breakdown['colocated']}; in-process decode + step {percentile(paced, 50):.2f} paced, "
         f"{percentile(direct, 50):.2f} back to back")

@@ -910,6 +910,63 @@ def test_source_reader_decodes_small_pictures_in_its_own_thread_and_large_ones_i
     assert _keyframe_pixels(av.CodecContext.create("h264", "r"), av.Packet(b"\x00\x00\x01\x65garbage")) == 0
 
 
+@pytest.mark.parametrize("scheme", ["udp", "tcp"])
+def test_a_live_source_that_goes_silent_times_out_and_reconnects(tmp_path, scheme):
+    """A camera that stops sending -- a UDP sender gone quiet, a TCP connection left open without data
+    -- gives no error and no end: only the read timeout notices. For these two it is FFmpeg's own
+    (PyAV's would take the GIL at every datagram, sources.py): without it the reader would wait for
+    ever; with it the stream reconnects within the timeout."""
+    import socket
+
+    from pipelines.serve.sources import SourceOptions, SourceReader, open_url
+    from tests.videos import write_video
+
+    data = write_video(tmp_path / "camera.ts", 50, gop=10, bframes=False, container_format="mpegts").read_bytes()
+    if scheme == "udp":
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    statuses: list[tuple[float, str]] = []
+    frames: list[float] = []
+    options = SourceOptions(url=f"{scheme}://127.0.0.1:{port}", read_timeout_s=1.0, reconnect_initial_s=0.1)
+    reader = SourceReader(open_url(options), lambda frame: frames.append(time.monotonic()) or True,
+                          lambda status, message, attempt: statuses.append((time.monotonic(), status)),
+                          name="camera", live=True, follow_clock=False)
+    reader.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        deadline = time.monotonic() + 20
+        if scheme == "udp":
+            while not frames and time.monotonic() < deadline:  # the reader may bind late: send again
+                for offset in range(0, len(data), 1316):
+                    sender.sendto(data[offset:offset + 1316], ("127.0.0.1", port))
+                    time.sleep(0.002)
+                time.sleep(0.2)
+        else:
+            listener.settimeout(20)
+            connection, _ = listener.accept()
+            connection.sendall(data)  # and then nothing, the connection open
+            while not frames and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert frames, f"nothing decoded from the {scheme} source"
+        silent_since = time.monotonic()
+        while time.monotonic() < silent_since + 10 and not any(
+                t > silent_since and s in ("reconnecting", "error") for t, s in statuses):
+            time.sleep(0.05)
+        after = [(t - silent_since, s) for t, s in statuses if t > silent_since]
+        assert after and after[0][1] in ("reconnecting", "error"), statuses
+        assert after[0][0] < 1.0 + 4.0  # the timeout, plus decoding what was buffered and some slack
+    finally:
+        reader.stop()
+        sender.close()
+        if scheme == "tcp":
+            listener.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")
 def test_source_reader_threads_carry_their_stream_in_their_os_name():
     """Operators see which stream a busy thread serves (top -H, profilers): the reader names itself."""
@@ -961,6 +1018,102 @@ def test_keyframe_skipper_decodes_everything_it_cannot_predict():
     # are left out too; then the interval is forgotten and everything decodes.
     missed = feed(KeyframeSkipper(lambda: (3.0, 6.0)), times, {0.0, 1.0, 2.0, 3.0, 4.7, 5.7, 6.7})
     assert missed == [t for t in times if 3.0 < t < 4.7]
+
+
+def test_dozer_sleeps_until_shortly_before_the_keyframe_within_what_the_buffer_holds():
+    from pipelines.serve.sources import Dozer
+
+    dozer = Dozer(buffer_bytes=1_000_000)
+    arrival = 100.0  # wall clock of media time 0: packets arrive 100 s after their timestamp
+    for i in range(50):  # 2 s at 25 fps, 2,000 bytes a frame: 50 kB/s
+        dozer.packet(i / 25, 2000, arrival + i / 25)
+    assert dozer.nap(1.96, 4.0, arrival + 1.96) == 0.0  # the bitrate is not measured yet (2 s of media)
+    dozer.packet(2.0, 2000, arrival + 2.0)
+    # Read as it arrived: sleep until MARGIN_S before the keyframe at 4 s arrives.
+    assert dozer.nap(2.0, 4.0, arrival + 2.0) == pytest.approx(2.0 - Dozer.MARGIN_S)
+    # Read 0.3 s after it arrived (the reader is behind): the keyframe is that much closer.
+    dozer.packet(2.04, 2000, arrival + 2.34)
+    assert dozer.nap(2.04, 4.0, arrival + 2.34) == pytest.approx(4.0 - 2.04 - 0.3 - Dozer.MARGIN_S, abs=1e-3)
+    # Further behind than MAX_LAG_S: read on and catch up; a keyframe about to come: read on.
+    dozer.packet(2.08, 2000, arrival + 2.08 + Dozer.MAX_LAG_S + 0.1)
+    assert dozer.nap(2.08, 4.0, arrival + 2.08 + Dozer.MAX_LAG_S + 0.1) == 0.0
+    assert dozer.nap(2.08, 2.2, arrival + 2.08) == 0.0
+    # Never longer than MAX_S, nor than a quarter of the buffer at the stream's bitrate.
+    assert dozer.nap(2.08, 9.0, arrival + 2.08) == pytest.approx(Dozer.MAX_S)
+    small = Dozer(buffer_bytes=40_000)  # a quarter is 10 kB: 0.2 s at 50 kB/s
+    for i in range(51):
+        small.packet(i / 25, 2000, arrival + i / 25)
+    assert small.nap(2.0, 4.0, arrival + 2.0) == pytest.approx(0.2, rel=0.05)
+    # A new media clock (a reconnect, a looping source) forgets the bitrate and the arrival.
+    dozer.packet(0.0, 2000, arrival + 5.0)
+    assert dozer.nap(0.0, 1.0, arrival + 5.0) == 0.0
+
+
+def test_a_udp_reader_dozes_through_the_packets_it_leaves_out_and_misses_no_window(tmp_path):
+    """After each window's 'exit' nothing is wanted until the next window's keyframe: the reader sleeps
+    through that time (the receive buffer holds what arrives) instead of waking for every packet, and
+    still decodes every window's first frame, on time, without decode errors."""
+    import socket
+
+    from pipelines.serve.sources import KeyframeSkipper, SourceOptions, SourceReader, open_url, receive_buffer_bytes
+    from tests.videos import read_index, write_video
+
+    fps, gop, frames = 25, 25, 200  # a keyframe every second, 8 s
+    data = write_video(tmp_path / "camera.ts", frames, gop=gop, bframes=False, container_format="mpegts").read_bytes()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    options = SourceOptions(url=f"udp://127.0.0.1:{port}")
+    assert receive_buffer_bytes(options) == 7 * 4096 * 188
+    assert receive_buffer_bytes(SourceOptions(url=f"udp://127.0.0.1:{port}?fifo_size=0")) == 0
+    assert receive_buffer_bytes(SourceOptions(url="tcp://127.0.0.1:9")) == 0
+
+    hint: list = [None]
+    firsts: dict[int, tuple[int, float]] = {}  # window -> (frame index, delay after it was sent)
+    sent_at: dict[int, float] = {}
+    start: list = [None]
+
+    def on_frame(frame) -> bool:  # noqa: ANN001
+        if start[0] is None:
+            start[0] = frame.media_time
+        index = read_index(frame.frame.to_ndarray(format="rgb24"))
+        window = index // gop
+        if window not in firsts:
+            firsts[window] = (index, time.monotonic() - sent_at.get(index, math.inf))
+            # One frame is all this window wants ('exit'): nothing until the next window's keyframe.
+            hint[0] = (frame.media_time, frame.media_time - (index % gop) / fps + 1.0)
+        return True
+
+    reader = SourceReader(open_url(options), on_frame, lambda *a: None, name="camera", live=True,
+                          follow_clock=False, skipper=KeyframeSkipper(lambda: hint[0]),
+                          doze_buffer_bytes=receive_buffer_bytes(options))
+    reader.start()
+    datagrams = [data[i:i + 1316] for i in range(0, len(data), 1316)]
+    # Which datagram completes each frame: sent in real time, frame by frame (by byte share).
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        time.sleep(0.5)  # the reader binds its port
+        began = time.monotonic()
+        for k, datagram in enumerate(datagrams):
+            due = began + k * (frames / fps) / len(datagrams)
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            sender.sendto(datagram, ("127.0.0.1", port))
+            sent_at.setdefault(int(k * frames / len(datagrams)), time.monotonic())
+        time.sleep(0.5)
+    finally:
+        reader.stop()
+        sender.close()
+    stats = reader.stats()
+    assert stats["decode_errors"] == 0
+    # From the third keyframe on (the interval is known) every window starts at its keyframe, and the
+    # packets between are left out -- slept through for the most part.
+    assert [firsts[w][0] for w in range(3, frames // gop)] == [w * gop for w in range(3, frames // gop)]
+    assert stats["packets_left_out"] >= 4 * (gop - 2)
+    assert stats["dozed_s"] >= 2.0
+    # Woken in time: each window's first frame came out within a few frames of being sent.
+    assert max(firsts[w][1] for w in range(3, frames // gop)) < 0.2
 
 
 def test_rate_meter_counts_events_reported_in_bulk():

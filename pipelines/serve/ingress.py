@@ -57,7 +57,7 @@ from pipelines.serve.events import Event, Subscriber
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
 from pipelines.serve.sources import (ChunkPipe, KeyframeSkipper, SourceFrame, SourceOptions, SourceReader,
-                                     open_pipe, open_url)
+                                     open_pipe, open_url, receive_buffer_bytes)
 from pipelines.serve.stream import PULL, PUSH, FrameGate, StreamSession, TokenBucket, parse_settings
 
 logger = logging.getLogger("ray.serve")
@@ -515,7 +515,8 @@ class Ingress:
                               reconnect_max_s=options.reconnect_max_s,
                               reconnect_attempts=options.reconnect_attempts,
                               skipper=self._skipper(session, gate),
-                              frame_threads_min_pixels=self.config.frame_threads_min_pixels)
+                              frame_threads_min_pixels=self.config.frame_threads_min_pixels,
+                              doze_buffer_bytes=receive_buffer_bytes(options))
         self.readers[session.id] = reader
         reader.start()
 

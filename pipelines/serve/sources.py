@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import av
 
@@ -44,8 +44,11 @@ LIVE_OPTIONS = {"probesize": "200000", "analyzeduration": "500000"}
 # Pushed MPEG-TS: the chunks arrive at the stream's own rate, so every byte probed is latency; the
 # H.264 decoder finds its parameters in-band anyway.
 PIPE_OPTIONS = {"probesize": "32768", "analyzeduration": "0"}
-# UDP: keep reading when the socket buffer overruns (drop packets, like a live receiver must).
-UDP_OPTIONS = {"overrun_nonfatal": "1", "fifo_size": "278876", "buffer_size": "4194304"}
+# UDP: keep reading when the socket buffer overruns (drop packets, like a live receiver must). FFmpeg's
+# receive buffer keeps its default size, 7 x 4096 TS packets (5.4 MB; the memory is touched as the
+# ring goes round, so a larger one is a larger resident set per stream before long).
+UDP_OPTIONS = {"overrun_nonfatal": "1", "buffer_size": "4194304"}
+UDP_FIFO_PACKETS = 7 * 4096
 
 
 class SourceError(RuntimeError):
@@ -228,6 +231,86 @@ class KeyframeSkipper:
         return False
 
 
+class Dozer:
+    """How long a live source's reader may sleep while it leaves packets out until a keyframe.
+
+    After a window's early exit the reader leaves out every packet up to the next window's keyframe
+    (:class:`KeyframeSkipper`), yet it still wakes for each as it arrives -- and for a UDP source
+    FFmpeg's receive thread hands it each datagram, the GIL changing hands each time. With 96 pulled
+    streams that cost more CPU than decoding the frames the windows used. So the reader sleeps
+    instead, until shortly before the keyframe is due, and what arrived meanwhile waits in the receive
+    buffer to be read (and left out) in one go.
+
+    When the keyframe arrives is estimated from the packets seen: the smallest (wall - media time) is
+    a packet read the moment it arrived, so ``wall = media time + that offset`` predicts an arrival.
+    Dozing is safe only within what the buffer holds: at most ``BUFFER_SHARE`` of ``buffer_bytes`` at
+    the stream's measured video bitrate (a quarter: audio and container overhead, bitrate peaks), and
+    never while the reader is behind its source. Used by one reader thread.
+    """
+
+    MARGIN_S = 0.1
+    """Wake this long before the keyframe is due: reading the backlog takes a moment."""
+    MIN_S = 0.05
+    MAX_S = 2.0
+    MAX_LAG_S = 0.5
+    """A reader further behind its source than this reads on to catch up."""
+    BUFFER_SHARE = 0.25
+    RATE_SPAN_S = 2.0
+    """Media time over which the bitrate is measured (no dozing before the first measurement)."""
+    DRIFT = 0.001
+    """The best offset seen is forgotten at this rate (s/s): the source's clock drifts against ours."""
+
+    def __init__(self, buffer_bytes: int) -> None:
+        self.buffer_bytes = buffer_bytes
+        self.dozed_s = 0.0
+        self.naps = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection (or media clock): arrival and bitrate are measured afresh."""
+        self.offset: float | None = None
+        self.offset_at = 0.0
+        self.last_media: float | None = None
+        self.rate: float | None = None  # video bytes per media second
+        self.span_start: float | None = None
+        self.span_bytes = 0
+
+    def packet(self, media_time: float, size: int, now: float) -> None:
+        """Every packet read (left out or not): its arrival and its size."""
+        last, self.last_media = self.last_media, media_time
+        if last is not None and not last - 1.0 <= media_time <= last + 5.0:
+            self.reset()  # a new media clock: a reconnect, a loop, a discontinuity
+            self.last_media = media_time
+        offset = now - media_time
+        if self.offset is None or offset < self.offset:
+            self.offset = offset
+        else:
+            self.offset += self.DRIFT * (now - self.offset_at)
+        self.offset_at = now
+        if self.span_start is None:
+            self.span_start, self.span_bytes = media_time, 0
+        self.span_bytes += size
+        if media_time - self.span_start >= self.RATE_SPAN_S:
+            self.rate = self.span_bytes / (media_time - self.span_start)
+            self.span_start, self.span_bytes = media_time, 0
+
+    def nap(self, media_time: float, due: float, now: float) -> float:
+        """Seconds to sleep after the packet of ``media_time`` (just passed to :meth:`packet`), when
+        nothing is wanted before the keyframe at ``due``; 0 = read on."""
+        if self.offset is None or self.rate is None:
+            return 0.0
+        lag = (now - media_time) - self.offset
+        if lag > self.MAX_LAG_S:
+            return 0.0
+        room = self.BUFFER_SHARE * self.buffer_bytes / max(self.rate, 1.0)
+        nap = min(due - media_time - lag - self.MARGIN_S, room, self.MAX_S)
+        if nap < self.MIN_S:
+            return 0.0
+        self.dozed_s += nap
+        self.naps += 1
+        return nap
+
+
 class SourceReader(threading.Thread):
     """Decodes one source in a daemon thread until :meth:`stop` (see module docstring)."""
 
@@ -235,7 +318,8 @@ class SourceReader(threading.Thread):
                  name: str, live: bool, follow_clock: bool, loop: bool = False, max_pixels: int = 3840 * 2160,
                  reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0, reconnect_attempts: int = 0,
                  reconnect: bool = True, exhausted: Callable[[], bool] | None = None,
-                 skipper: KeyframeSkipper | None = None, frame_threads_min_pixels: int = 1280 * 720) -> None:
+                 skipper: KeyframeSkipper | None = None, frame_threads_min_pixels: int = 1280 * 720,
+                 doze_buffer_bytes: int = 0) -> None:
         super().__init__(name=f"source-{name}", daemon=True)
         self._opener = opener
         self._on_frame = on_frame
@@ -253,6 +337,8 @@ class SourceReader(threading.Thread):
         self.skipper = skipper
         """Leaves out packets no wanted frame depends on (None: decode every packet)."""
         self.frame_threads_min_pixels = frame_threads_min_pixels
+        self.dozer = Dozer(doze_buffer_bytes) if live and skipper is not None and doze_buffer_bytes > 0 else None
+        """Sleeps through the packets left out after an exit (None: reads each as it arrives)."""
         """Sources at least this large decode in FFmpeg's frame threads, smaller ones in this thread."""
         self._halt = threading.Event()
         self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
@@ -269,7 +355,8 @@ class SourceReader(threading.Thread):
         that failed to decode; and the threads it decodes in."""
         return {"frames_decoded": self.frames_decoded, "decode_errors": self.decode_errors,
                 "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0,
-                "decoder_threads": self.decoder_threads}
+                "decoder_threads": self.decoder_threads,
+                "dozed_s": round(self.dozer.dozed_s, 3) if self.dozer is not None else 0.0}
 
     def stop(self) -> None:
         self._halt.set()
@@ -349,6 +436,9 @@ class SourceReader(threading.Thread):
                 skipper.reset()
             undecodable = 0
             decoding = True  # False while packets are left out
+            dozer = self.dozer
+            if dozer is not None:
+                dozer.reset()
             self.decoder_threads = 0
             threads_chosen = False
             for packet in container.demux(stream):
@@ -357,12 +447,18 @@ class SourceReader(threading.Thread):
                 if skipper is not None and packet.pts is not None and packet.time_base is not None:
                     reordered = bool(ctx.has_b_frames) or (packet.dts is not None and packet.dts != packet.pts)
                     packet_time = float(packet.pts * packet.time_base)
+                    if dozer is not None:
+                        dozer.packet(packet_time, packet.size, time.monotonic())
                     if not skipper.decode(packet_time, packet.is_keyframe, reordered):
                         if decoding and not self._drain(stream, fps):
                             return
                         decoding = False
                         if skipper.left_out is not None:
                             skipper.left_out(packet_time)
+                        if dozer is not None and skipper.due is not None:
+                            nap = dozer.nap(packet_time, skipper.due, time.monotonic())
+                            if nap and self._halt.wait(nap):
+                                return
                         continue
                     decoding = True
                 if not threads_chosen:
@@ -475,11 +571,37 @@ def open_url(options: SourceOptions) -> Callable[[], Any]:
     if options.scheme in ("rtsp", "rtsps"):
         av_options.setdefault("rtsp_transport", "tcp")
 
+    # UDP and TCP cameras get FFmpeg's own read timeout, not PyAV's: PyAV enforces its timeouts in an
+    # interrupt callback that takes the GIL, and FFmpeg calls it before every read from the network
+    # -- for a UDP source, every datagram. With 96 UDP streams in one process that cost 0.6-0.8 ms of
+    # CPU per stream-second, a third of receiving and demuxing. (The generic ``rw_timeout`` does not
+    # reach UDP reads: the udp protocol sets its own from its ``timeout``.) Other protocols, whose
+    # options differ or do not reach nested connections (HLS segments), keep PyAV's read timeout;
+    # PyAV's callback bounds the opening for all.
+    native = {"udp": "timeout", "tcp": "rw_timeout"}.get(options.scheme)
+    if native:
+        av_options.setdefault(native, str(max(1, round(options.read_timeout_s * 1e6))))
+
     def opener() -> Any:
         return av.open(options.url, mode="r", options=av_options, metadata_errors="ignore",
-                       timeout=(options.open_timeout_s, options.read_timeout_s))
+                       timeout=(options.open_timeout_s, None if native else options.read_timeout_s))
 
     return opener
+
+
+def receive_buffer_bytes(options: SourceOptions) -> int:
+    """What a pull source's receive buffer holds while its reader dozes (:class:`Dozer`); 0 where that
+    is not known to be safe. UDP: FFmpeg's receive thread fills its ring (``fifo_size`` TS packets,
+    in the URL or the options) whether or not the reader reads. TCP and the others: 0 -- a kernel
+    buffer fills up and then throttles the sender, which a camera may take for a dead client."""
+    if options.scheme != "udp":
+        return 0
+    query = parse_qs(urlsplit(options.url).query)
+    fifo = query.get("fifo_size", [options.av_options.get("fifo_size", UDP_FIFO_PACKETS)])[-1]
+    try:
+        return max(0, int(fifo)) * 188
+    except ValueError:
+        return 0
 
 
 def open_pipe(pipe: ChunkPipe) -> Callable[[], Any]:
