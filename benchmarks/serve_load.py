@@ -613,8 +613,12 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         steps += cb["steps_done"] - ca["steps_done"]
         windows += cb["windows_done"] - ca["windows_done"]
         exits += cb["exits"] - ca["exits"]
-        # Over the interval between the two snapshots (see above).
-        fps.append((cb["frames_received"] - ca["frames_received"]) / interval)
+        # Over the interval between the two snapshots (see above). A reader dozing through packets it
+        # leaves out (Dozer) has not counted what arrived since it fell asleep -- up to a second and a
+        # half at 25 fps and 2 s windows, which would read as a reader falling behind: that source time
+        # is added back (the frames are in the receive buffer, counted when it wakes).
+        asleep = b.get("decoder", {}).get("dozing_s", 0.0) - a.get("decoder", {}).get("dozing_s", 0.0)
+        fps.append((cb["frames_received"] - ca["frames_received"] + asleep * ts[2]) / interval)
         if b["latency_ms"]["p50"] is not None:
             p50s.append(b["latency_ms"]["p50"])
             p99s.append(b["latency_ms"]["p99"])

@@ -1031,8 +1031,11 @@ def test_dozer_sleeps_until_shortly_before_the_keyframe_within_what_the_buffer_h
     dozer.packet(2.0, 2000, arrival + 2.0)
     # Read as it arrived: sleep until MARGIN_S before the keyframe at 4 s arrives.
     assert dozer.nap(2.0, 4.0, arrival + 2.0) == pytest.approx(2.0 - Dozer.MARGIN_S)
+    # Asleep: what arrives meanwhile waits unread (the server's status shows for how long so far).
+    assert dozer.asleep_for(arrival + 2.5) == pytest.approx(0.5)
     # Read 0.3 s after it arrived (the reader is behind): the keyframe is that much closer.
     dozer.packet(2.04, 2000, arrival + 2.34)
+    assert dozer.asleep_for(arrival + 2.34) == 0.0
     assert dozer.nap(2.04, 4.0, arrival + 2.34) == pytest.approx(4.0 - 2.04 - 0.3 - Dozer.MARGIN_S, abs=1e-3)
     # Further behind than MAX_LAG_S: read on and catch up; a keyframe about to come: read on.
     dozer.packet(2.08, 2000, arrival + 2.08 + Dozer.MAX_LAG_S + 0.1)

@@ -264,6 +264,8 @@ class Dozer:
         self.buffer_bytes = buffer_bytes
         self.dozed_s = 0.0
         self.naps = 0
+        self.asleep_since: float | None = None
+        """When the nap in progress began (None: awake). What arrived since waits unread, uncounted."""
         self.reset()
 
     def reset(self) -> None:
@@ -277,6 +279,7 @@ class Dozer:
 
     def packet(self, media_time: float, size: int, now: float) -> None:
         """Every packet read (left out or not): its arrival and its size."""
+        self.asleep_since = None
         last, self.last_media = self.last_media, media_time
         if last is not None and not last - 1.0 <= media_time <= last + 5.0:
             self.reset()  # a new media clock: a reconnect, a loop, a discontinuity
@@ -308,7 +311,13 @@ class Dozer:
             return 0.0
         self.dozed_s += nap
         self.naps += 1
+        self.asleep_since = now
         return nap
+
+    def asleep_for(self, now: float) -> float:
+        """How long the nap in progress has lasted: that much of the source waits unread (0: awake)."""
+        since = self.asleep_since
+        return max(0.0, now - since) if since is not None else 0.0
 
 
 class SourceReader(threading.Thread):
@@ -356,7 +365,8 @@ class SourceReader(threading.Thread):
         return {"frames_decoded": self.frames_decoded, "decode_errors": self.decode_errors,
                 "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0,
                 "decoder_threads": self.decoder_threads,
-                "dozed_s": round(self.dozer.dozed_s, 3) if self.dozer is not None else 0.0}
+                "dozed_s": round(self.dozer.dozed_s, 3) if self.dozer is not None else 0.0,
+                "dozing_s": round(self.dozer.asleep_for(time.monotonic()), 3) if self.dozer is not None else 0.0}
 
     def stop(self) -> None:
         self._halt.set()
