@@ -684,6 +684,7 @@ class FrameGate:
         self.last_media: float | None = None  # the last frame seen, left out or not
         self.last_left_out = False  # whether that frame was left out
         self.passed_at = -math.inf
+        self.passed_media: float | None = None  # media time of the last frame through or count reported
 
     def check(self, media_time: float | None, now: float) -> tuple[int, float | None] | None:
         """None: leave this frame out (it is counted). Otherwise (frames left out since the last one
@@ -695,7 +696,7 @@ class FrameGate:
                 and now - self.passed_at < self.HEARTBEAT_S):
             self.skipped += 1
             return None
-        self.passed_at = now
+        self.passed_at, self.passed_media = now, media_time
         self.last_left_out = False
         skipped, self.skipped = self.skipped, 0
         return skipped, (before if after_left_out else None)
@@ -704,12 +705,16 @@ class FrameGate:
         """A frame left out before decoding (:class:`~pipelines.serve.sources.KeyframeSkipper`): counted
         like the frames this gate leaves out. No frame goes through while packets are left undecoded,
         so once per heartbeat this returns the frames left out so far (and forgets them) for the reader
-        to report on their own; 0 otherwise."""
+        to report on their own; 0 otherwise. The heartbeat is in media time too: a reader that dozed
+        (:class:`~pipelines.serve.sources.Dozer`) reads a second or more of packets at once on waking,
+        which would otherwise wait uncounted until the next frame goes through."""
         self.skipped += 1
         self.last_media, self.last_left_out = media_time, True
-        if now - self.passed_at < self.HEARTBEAT_S:
+        by_media = (media_time is not None and self.passed_media is not None
+                    and media_time - self.passed_media >= self.HEARTBEAT_S)
+        if now - self.passed_at < self.HEARTBEAT_S and not by_media:
             return 0
-        self.passed_at = now
+        self.passed_at, self.passed_media = now, media_time
         return self.flush()
 
     def flush(self) -> int:
