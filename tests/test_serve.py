@@ -969,6 +969,8 @@ def test_a_live_source_that_goes_silent_times_out_and_reconnects(tmp_path, schem
         sender.close()
         if scheme == "tcp":
             listener.close()
+            if "connection" in locals():
+                connection.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from /proc")

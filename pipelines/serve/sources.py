@@ -236,8 +236,9 @@ class Dozer:
 
     After a window's early exit the reader leaves out every packet up to the next window's keyframe
     (:class:`KeyframeSkipper`), yet it still wakes for each as it arrives -- and for a UDP source
-    FFmpeg's receive thread hands it each datagram, the GIL changing hands each time. With 96 pulled
-    streams that cost more CPU than decoding the frames the windows used. So the reader sleeps
+    FFmpeg's receive thread hands it each datagram, the GIL changing hands each time: with 96 pulled
+    streams whose windows exit at their third frame, a fifth of the readers' CPU
+    (``benchmarks/source_readers.py``: 3.85 ms/s per stream awake, 3.10 dozing). So the reader sleeps
     instead, until shortly before the keyframe is due, and what arrived meanwhile waits in the receive
     buffer to be read (and left out) in one go.
 
@@ -346,9 +347,9 @@ class SourceReader(threading.Thread):
         self.skipper = skipper
         """Leaves out packets no wanted frame depends on (None: decode every packet)."""
         self.frame_threads_min_pixels = frame_threads_min_pixels
+        """Sources at least this large decode in FFmpeg's frame threads, smaller ones in this thread."""
         self.dozer = Dozer(doze_buffer_bytes) if live and skipper is not None and doze_buffer_bytes > 0 else None
         """Sleeps through the packets left out after an exit (None: reads each as it arrives)."""
-        """Sources at least this large decode in FFmpeg's frame threads, smaller ones in this thread."""
         self._halt = threading.Event()
         self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
         self.attempt_frames = 0
@@ -583,8 +584,9 @@ def open_url(options: SourceOptions) -> Callable[[], Any]:
 
     # UDP and TCP cameras get FFmpeg's own read timeout, not PyAV's: PyAV enforces its timeouts in an
     # interrupt callback that takes the GIL, and FFmpeg calls it before every read from the network
-    # -- for a UDP source, every datagram. With 96 UDP streams in one process that cost 0.6-0.8 ms of
-    # CPU per stream-second, a third of receiving and demuxing. (The generic ``rw_timeout`` does not
+    # -- for a UDP source, every datagram. With 96 UDP streams in one process that cost 0.6-1.2 ms of
+    # CPU per stream-second of receiving and demuxing alone (a quarter to a third of it; 3 % of a whole
+    # reader's CPU once it dozes, docs/serving.md, tenth set). (The generic ``rw_timeout`` does not
     # reach UDP reads: the udp protocol sets its own from its ``timeout``.) Other protocols, whose
     # options differ or do not reach nested connections (HLS segments), keep PyAV's read timeout;
     # PyAV's callback bounds the opening for all.
