@@ -808,7 +808,7 @@ def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_mode
     # ... and once per heartbeat of media time: a reader that dozed reads a backlog of them at once,
     # which must not wait uncounted for the next frame that goes through.
     backlog = [gate.leave_out(11.0 + k * 0.04, now=5.0) for k in range(30)]
-    assert backlog == [1] + [0] * 12 + [13] + [0] * 12 + [13, 0, 0] and gate.flush() == 3
+    assert backlog == [1] + [0] * 12 + [13] + [0] * 12 + [13, 0, 0, 0] and gate.flush() == 3
 
 
 def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path):
