@@ -4,7 +4,9 @@
 Runs N UDP streams of the serving benchmark's camera-like MPEG-TS (``serve_load.py``: 128x128 H.264, 25
 fps, a keyframe every 2 s) into the server's own ``SourceReader`` + ``KeyframeSkipper``, half of them
 dozing and half not, interleaved in one process -- so both halves share the same machine, load and GIL
-at the same moment (these machines are noisy) -- and reads each thread's CPU time from ``/proc``. No
+at the same moment (these machines are noisy) -- and reads each thread's CPU time from ``/proc``: the
+reader threads by half; FFmpeg's UDP receive threads (``udp-rx``, one per stream, which wake for every
+datagram whether the reader dozes or not) cannot be told apart by half and are reported for all. No
 server and no model: each stream's frame callback plays the windows, 2 s long with a frame every 0.25
 s, and an early exit at the window's third frame (``--exit-at``; the demo model's ``auto`` budget
 averages 2.7 frames a window), or no exit (``--exit-at 8``).
@@ -109,7 +111,7 @@ def main() -> None:
         readers[half].append(reader)
     time.sleep(args.settle)
 
-    prefixes = ("src:d", "src:a")
+    prefixes = ("src:d", "src:a", "udp-rx")
     cpu0, started = thread_cpu_seconds(prefixes), time.monotonic()
     decoded0 = {h: sum(r.frames_decoded for r in rs) for h, rs in readers.items()}
     dozed0 = sum(r.dozer.dozed_s for r in readers["doze"] if r.dozer is not None)
@@ -122,13 +124,15 @@ def main() -> None:
         results[f"{half}_ms_per_stream_s"] = round(1e3 * (cpu1[prefix] - cpu0[prefix]) / elapsed / n, 3)
         results[f"{half}_decoded_per_stream_s"] = round(
             (sum(r.frames_decoded for r in readers[half]) - decoded0[half]) / elapsed / n, 2)
+    results["udp_rx_ms_per_stream_s"] = round(1e3 * (cpu1["udp-rx"] - cpu0["udp-rx"]) / elapsed / args.streams, 3)
     dozed = sum(r.dozer.dozed_s for r in readers["doze"] if r.dozer is not None) - dozed0
     results["dozed_share"] = round(dozed / elapsed / len(readers["doze"]), 3)
     results["awake_vs_doze"] = round(results["awake_ms_per_stream_s"] / max(results["doze_ms_per_stream_s"], 1e-9), 3)
     print(f"{args.streams} UDP streams on {os.cpu_count()} CPUs, exit at frame {args.exit_at} of {FRAMES_PER_WINDOW}, "
           f"{args.seconds:g} s measured: the dozing half {results['doze_ms_per_stream_s']:.2f} ms of CPU per "
           f"stream-second, the other {results['awake_ms_per_stream_s']:.2f} ({results['awake_vs_doze']:.2f}x); "
-          f"asleep {results['dozed_share']:.0%} of the time", flush=True)
+          f"asleep {results['dozed_share']:.0%} of the time; FFmpeg's UDP receive threads "
+          f"{results['udp_rx_ms_per_stream_s']:.2f} ms/s per stream on top, in both halves", flush=True)
     print(" ".join(f"{k}={v}" for k, v in results.items()), flush=True)
     os._exit(0)  # the readers are daemon threads blocked in FFmpeg reads
 

@@ -264,7 +264,6 @@ class Dozer:
     def __init__(self, buffer_bytes: int) -> None:
         self.buffer_bytes = buffer_bytes
         self.dozed_s = 0.0
-        self.naps = 0
         self.asleep_since: float | None = None
         """When the nap in progress began (None: awake). What arrived since waits unread, uncounted."""
         self.reset()
@@ -311,7 +310,6 @@ class Dozer:
         if nap < self.MIN_S:
             return 0.0
         self.dozed_s += nap
-        self.naps += 1
         self.asleep_since = now
         return nap
 
