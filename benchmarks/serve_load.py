@@ -77,7 +77,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,6 +107,18 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 CPU_PARTS = ("proxy", "ingress", "sources", "model", "recognizer")
 
 
+def thread_cpu_seconds(process: Path) -> Iterator[tuple[str, int, float]]:
+    """(OS thread name, thread id, CPU seconds used so far) for each thread of ``/proc/<pid>``; a thread
+    that ends meanwhile is left out."""
+    for task in (process / "task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        yield comm, int(task.name), (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def serve_cpu_seconds() -> dict[tuple[str, int], float]:
     """CPU seconds used so far by every thread of the processes that do per-stream work, keyed by (part,
     thread id). The parts: Serve's HTTP proxy (the Python ProxyActor, and HAProxy where
@@ -131,18 +143,13 @@ def serve_cpu_seconds() -> dict[tuple[str, int], float]:
                 part = "recognizer" if b"Recognizer" in cmdline else "ingress"  # (the directory: bookkeeping)
             else:
                 continue
-            for task in (entry / "task").iterdir():
-                try:
-                    comm = (task / "comm").read_text().strip()
-                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue  # the thread ended
+            for comm, tid, seconds in thread_cpu_seconds(entry):
                 thread_part = part
                 if comm == "model":
                     thread_part = "model"
                 elif part == "ingress" and (comm.startswith(("src:", "av:")) or comm == "udp-rx"):
                     thread_part = "sources"
-                total[(thread_part, int(task.name))] = (int(fields[11]) + int(fields[12])) / _TICKS
+                total[(thread_part, tid)] = seconds
         except (OSError, IndexError, ValueError):
             continue
     return total

@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import UdpSender, free_udp_ports, mpegts_bytes, source_frames  # noqa: E402
+from benchmarks.serve_load import (UdpSender, free_udp_ports, mpegts_bytes, source_frames,  # noqa: E402
+                                   thread_cpu_seconds)
 from pipelines.serve.sources import (KeyframeSkipper, SourceOptions, SourceReader, open_url,  # noqa: E402
                                      receive_buffer_bytes)
 from pipelines.serve.threads import name_os_thread  # noqa: E402
@@ -62,18 +63,13 @@ class PlayedWindows:
         return True
 
 
-def thread_cpu_seconds(prefixes: tuple[str, ...]) -> dict[str, float]:
+def cpu_by_prefix(prefixes: tuple[str, ...]) -> dict[str, float]:
     """CPU seconds of this process' threads, summed by which prefix their OS name starts with."""
     out = dict.fromkeys(prefixes, 0.0)
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
-            continue
+    for comm, _, seconds in thread_cpu_seconds(Path(f"/proc/{os.getpid()}")):
         for prefix in prefixes:
             if comm.startswith(prefix):
-                out[prefix] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                out[prefix] += seconds
     return out
 
 
@@ -112,11 +108,11 @@ def main() -> None:
     time.sleep(args.settle)
 
     prefixes = ("src:d", "src:a", "udp-rx")
-    cpu0, started = thread_cpu_seconds(prefixes), time.monotonic()
+    cpu0, started = cpu_by_prefix(prefixes), time.monotonic()
     decoded0 = {h: sum(r.frames_decoded for r in rs) for h, rs in readers.items()}
     dozed0 = sum(r.dozer.dozed_s for r in readers["doze"] if r.dozer is not None)
     time.sleep(args.seconds)
-    cpu1, elapsed = thread_cpu_seconds(prefixes), time.monotonic() - started
+    cpu1, elapsed = cpu_by_prefix(prefixes), time.monotonic() - started
     sender.halt.set()
     results = {}
     for half, prefix in (("doze", "src:d"), ("awake", "src:a")):
