@@ -1026,6 +1026,27 @@ def test_keyframe_skipper_decodes_everything_it_cannot_predict():
     assert missed == [t for t in times if 3.0 < t < 4.7]
 
 
+def test_a_packets_media_time_is_bit_for_bit_its_frames():
+    """The skip hints a packet's time is compared with (strictly: ``last < t < wanted``) are frames'
+    ``frame.time``: a packet of the wanted frame computed one bit early would be left out."""
+    from fractions import Fraction
+    import random
+
+    from pipelines.serve.sources import media_seconds
+
+    frame = av.VideoFrame(16, 16, "yuv420p")
+    rng = random.Random(5)
+    mismatches = naive = 0
+    for time_base in (Fraction(1, 90000), Fraction(1, 1000), Fraction(1001, 30000), Fraction(1, 25)):
+        frame.time_base = time_base
+        for _ in range(20000):
+            frame.pts = rng.randrange(0, 2 ** 33)
+            mismatches += media_seconds(frame.pts, time_base.numerator, time_base.denominator) != frame.time
+            naive += frame.pts * float(time_base) != frame.time
+    assert mismatches == 0
+    assert naive > 0  # the obvious fast form is not the same float: the match is not a given
+
+
 def test_dozer_sleeps_until_shortly_before_the_keyframe_within_what_the_buffer_holds():
     from pipelines.serve.sources import Dozer
 
