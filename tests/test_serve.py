@@ -1029,7 +1029,6 @@ def test_keyframe_skipper_decodes_everything_it_cannot_predict():
 def test_a_packets_media_time_is_bit_for_bit_its_frames():
     """The skip hints a packet's time is compared with (strictly: ``last < t < wanted``) are frames'
     ``frame.time``: a packet of the wanted frame computed one bit early would be left out."""
-    from fractions import Fraction
     import random
 
     from pipelines.serve.sources import media_seconds
@@ -1037,7 +1036,8 @@ def test_a_packets_media_time_is_bit_for_bit_its_frames():
     frame = av.VideoFrame(16, 16, "yuv420p")
     rng = random.Random(5)
     mismatches = naive = 0
-    for time_base in (Fraction(1, 90000), Fraction(1, 1000), Fraction(1001, 30000), Fraction(1, 25)):
+    for time_base in (fractions.Fraction(1, 90000), fractions.Fraction(1, 1000), fractions.Fraction(1001, 30000),
+                      fractions.Fraction(1, 25)):
         frame.time_base = time_base
         for _ in range(20000):
             frame.pts = rng.randrange(0, 2 ** 33)
