@@ -26,36 +26,53 @@ The contract (see ``adaptive/README.md`` and :mod:`adaptive.interface`)::
 No Ray here: this package must import with torch and torchvision only.
 """
 
-from .adafocus_v2 import AdaFocusV2, AdaFocusV2Config
-from .backbones import BackboneConfig, build_backbone
-from .early_exit import (
-    ExitPolicy,
-    evaluate_exits,
-    exit_steps,
-    geometric_exit_distribution,
-    solve_thresholds,
-    thresholds_for_budget,
-    trace_curve,
-)
-from .flops import FlopsProfile, count_macs
-from .full_frame import FullFrameConfig, FullFrameModel
-from .interface import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AdaptiveVideoModel,
-    ClipOutput,
-    State,
-    StepOutput,
-    available_models,
-    build_model,
-    normalize_uint8_clip,
-    select_state,
-    split_state,
-    stack_states,
-    state_from_bytes,
-    state_to_bytes,
-)
-from .sampling import coarse_to_fine_order, uniform_frame_indices
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Where each public name lives. The package imports its modules on first use (PEP 562), so a
+# process that needs only the torch-free ``adaptive.sampling`` -- every Ray Data decode worker --
+# does not import torch and torchvision: 5 s and some 300 MB per worker process.
+_EXPORTS = {
+    "adafocus_v2": ["AdaFocusV2", "AdaFocusV2Config"],
+    "backbones": ["BackboneConfig", "build_backbone"],
+    "early_exit": ["ExitPolicy", "evaluate_exits", "exit_steps", "geometric_exit_distribution",
+                   "solve_thresholds", "thresholds_for_budget", "trace_curve"],
+    "flops": ["FlopsProfile", "count_macs"],
+    "full_frame": ["FullFrameConfig", "FullFrameModel"],
+    "interface": ["IMAGENET_MEAN", "IMAGENET_STD", "AdaptiveVideoModel", "ClipOutput", "State", "StepOutput",
+                  "available_models", "build_model", "normalize_uint8_clip", "select_state", "split_state",
+                  "stack_states", "state_from_bytes", "state_to_bytes"],
+    "sampling": ["coarse_to_fine_order", "uniform_frame_indices"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .adafocus_v2 import AdaFocusV2, AdaFocusV2Config
+    from .backbones import BackboneConfig, build_backbone
+    from .early_exit import (ExitPolicy, evaluate_exits, exit_steps, geometric_exit_distribution,
+                             solve_thresholds, thresholds_for_budget, trace_curve)
+    from .flops import FlopsProfile, count_macs
+    from .full_frame import FullFrameConfig, FullFrameModel
+    from .interface import (IMAGENET_MEAN, IMAGENET_STD, AdaptiveVideoModel, ClipOutput, State, StepOutput,
+                            available_models, build_model, normalize_uint8_clip, select_state, split_state,
+                            stack_states, state_from_bytes, state_to_bytes)
+    from .sampling import coarse_to_fine_order, uniform_frame_indices
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AdaFocusV2",

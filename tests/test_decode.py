@@ -162,3 +162,17 @@ def test_uri_paths_are_opened_through_pyarrow(tmp_path, shared_video_paths):
     result = decode_clip(f"file://{tmp_path / 'copy.mp4'}", DecodeConfig(num_frames=4, size=64))
     assert result.status == OK
     assert decode_clip(f"file://{tmp_path / 'gone.mp4'}", DecodeConfig(num_frames=4, size=64)).reason == "missing file"
+
+
+def test_the_decode_tasks_module_imports_without_torch():
+    # Every Ray Data decode worker imports this module: torch and torchvision would cost each one
+    # about 5 s of start-up and hundreds of MB, for nothing (decoding is PyAV and numpy).
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys, pipelines.data.dataset; heavy = sorted({'torch', 'torchvision'} & set(sys.modules)); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
