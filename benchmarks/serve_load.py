@@ -42,6 +42,11 @@ stops at its first confident frame.
   wall-clock search above measures the neighbours too).
 * **Frame latency**: p50/p99 of the server's per-frame latency (frame received or decoded by the
   ingress -> prediction event) at the sustained N.
+* **Live accuracy** (push, a labelled ``manifest.csv`` source): of the windows whose stepped frames
+  all showed one video (each step's event echoes its frame's ``pts``, which says which content frame
+  was sent), the share whose final top-1 label is that video's -- with early exit and without, so
+  the capacity gained can be weighed against the accuracy kept. Windows that span two videos have no
+  single right answer and are not judged.
 * **Serve vs in-process**: one pushed stream; the server's per-frame latency p50 against the same
   work done directly in this process -- JPEG decode, the input transform and one ``model.step`` of
   batch 1 with the stream's state -- paced like for like (``*_vs_paced``, the goal's ratio): one call
@@ -165,19 +170,21 @@ def cpu_per_stream(before: dict[tuple[str, int], float], after: dict[tuple[str, 
 
 
 # ------------------------------------------------------------------------------------------ frames
-def source_frames(source: Path, fps: float, max_seconds: float = 30.0) -> list[np.ndarray]:
+def source_frames(source: Path, fps: float, max_seconds: float = 30.0,
+                  labels: list[int | None] | None = None) -> list[np.ndarray]:
     """RGB frames of the streams' content, resampled to ``fps``: a video file, or the test split of a
     synthetic benchmark (``manifest.csv``), its videos played one after another, each for its own
-    duration -- the demo model's own domain, where its early-exit thresholds were calibrated."""
+    duration -- the demo model's own domain, where its early-exit thresholds were calibrated.
+    ``labels``, if given, receives each frame's class index from the manifest (None for a plain file)."""
     if source.suffix == ".csv":
         import csv
 
         with open(source) as f:
-            paths = [source.parent / r["path"] for r in csv.DictReader(f) if r["split"] == "test"]
+            videos = [(source.parent / r["path"], int(r["label"])) for r in csv.DictReader(f) if r["split"] == "test"]
     else:
-        paths = [source]
+        videos = [(source, None)]
     frames: list[np.ndarray] = []
-    for path in paths:
+    for path, label in videos:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or 25)
@@ -185,6 +192,8 @@ def source_frames(source: Path, fps: float, max_seconds: float = 30.0) -> list[n
         # nearest-in-time resampling from the video's own rate to ``fps``
         count = int(round(len(decoded) / rate * fps))
         frames += [decoded[min(len(decoded) - 1, int(i * rate / fps))] for i in range(count)]
+        if labels is not None:
+            labels += [label] * count
         if len(frames) >= max_seconds * fps:
             break
     if not frames:
@@ -299,6 +308,15 @@ class Trial:
     waking for each (:class:`~pipelines.serve.sources.Dozer`)."""
     latencies: list[float] = field(default_factory=list, repr=False)
     """The server's per-frame latencies (push), for pooling the one-stream trials of several rounds."""
+    windows_judged: int = 0
+    """Push, labelled content: the windows that ended during the measurement whose stepped frames all
+    showed one video (a window that spans two videos has no single right answer)."""
+    windows_correct: int = 0
+    """Of those, the windows whose final top-1 label was that video's."""
+
+    @property
+    def live_accuracy(self) -> float:
+        return self.windows_correct / self.windows_judged if self.windows_judged else float("nan")
 
     def row(self) -> str:
         ok = "yes" if self.sustained else f"no ({self.reason})"
@@ -308,19 +326,22 @@ class Trial:
                 f"dropped {self.dropped}/{self.sampled} | loop lag p50 {self.loop_lag_ms.get('p50')} "
                 f"max {self.loop_lag_ms.get('max')} ms"
                 + (f" | decoded {self.decoded_share:.0%}" if self.decoded_share == self.decoded_share else "")
-                + (f" dozed {self.dozed_share:.0%}" if self.dozed_share == self.dozed_share else ""))
+                + (f" dozed {self.dozed_share:.0%}" if self.dozed_share == self.dozed_share else "")
+                + (f" | live accuracy {self.live_accuracy:.1%} of {self.windows_judged} windows"
+                   if self.windows_judged else ""))
 
 
 async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
                     warmup: float, duration: float, limits: dict[str, float], tag: str,
-                    send_all: bool = False, stagger_s: float = 0.0) -> Trial:
+                    send_all: bool = False, stagger_s: float = 0.0, labels: list[int | None] | None = None) -> Trial:
     """``n`` pushed streams. Like independent cameras, stream j shows the content from its own point
     (j / n of the way through) and starts ``j / n`` of ``stagger_s`` (one recognition window) after
     the first, so neither the streams' sampled frames nor their windows line up: with every stream in
     step, every sampling slot would be a burst of n frames, and with early exit every window's first
     frames too (the streams exit within the first few slots and send nothing until their next window
     begins), and the latency would measure the burst, not the load. Pulled streams are spread the
-    same way by where they join the source: at its next keyframe."""
+    same way by where they join the source: at its next keyframe. ``labels`` (one per frame of
+    ``frames``): count how many windows' final prediction was right (:attr:`Trial.live_accuracy`)."""
     import websockets
 
     ws_base = base_url.replace("http://", "ws://")
@@ -413,9 +434,9 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                     breakdown.setdefault(k, []).append(v)
                 breakdown.setdefault("batch", []).append(e.get("batch_size") or 0)
     server_lat, client_lat = [], []
-    sampled = steps = windows = exits = 0
+    sampled = steps = windows = exits = judged = correct = 0
     drops: dict[str, int] = {}  # frames dropped, by reason
-    for s in stats:
+    for j, s in enumerate(stats):
         measured = [e for e in s.events if e.get("type") == "prediction" and e.get("latency_ms") is not None
                     and measure_from is not None and e["time"] >= measure_from]
         server_lat += [e["latency_ms"] for e in measured]
@@ -427,6 +448,19 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         windows += len(done)
         steps += sum(e["step"] + 1 for e in done)
         exits += sum(1 for e in done if e["exited"])
+        if labels:
+            # What each window's steps showed: the frame sent at ``pts`` was content frame
+            # ``local + offsets[j]`` (looped), and the server echoes each step's ``pts``.
+            shown: dict[int, set] = {}
+            for e in s.events:
+                if e.get("type") == "prediction" and e.get("pts") is not None:
+                    content = (int(round(e["pts"] * fps)) + offsets[j]) % len(labels)
+                    shown.setdefault(e["window"], set()).add(labels[content])
+            for e in done:
+                truth = shown.get(e["window"], set())
+                if len(truth) == 1 and None not in truth and e.get("top_k"):
+                    judged += 1
+                    correct += e["top_k"][0]["index"] == next(iter(truth))
         ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
         if ended:
             sampled += ended["counters"]["frames_sampled"]
@@ -440,7 +474,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                  percentile(client_lat, 99), sampled, sum(drops.values()), steps, windows, exits, lag,
                  cpu_ms_per_stream_s=sum(cpu_parts.values()) if cpu_parts else float("nan"), cpu_parts=cpu_parts,
                  loop_lag_ms=ingress_lag, breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
-                 latencies=server_lat)
+                 latencies=server_lat, windows_judged=judged, windows_correct=correct)
 
 
 def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dropped: dict[str, int],
@@ -665,7 +699,7 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
         else:
             trial = await run_trial(base_url, n, budget, media["jpeg"], args.fps, args.warmup, args.duration,
                                     limits_of(args), tag=tag, send_all=args.push_send_all,
-                                    stagger_s=args.window_seconds)
+                                    stagger_s=args.window_seconds, labels=media["labels"])
         trial.transport = transport
         trials.append(trial)
         log("  " + trial.row())
@@ -893,10 +927,11 @@ def main(argv: list[str] | None = None) -> int:
         f"per frame; budget {args.budget} -> "
         + (f"{choice.gflops:.4f} GFLOPs/window on the held-out split" if choice.gflops is not None else "all frames")
         + accuracy_note)
-    content = source_frames(args.source, args.fps)
+    content_labels: list[int | None] = []
+    content = source_frames(args.source, args.fps, labels=content_labels)
     # Both transports show the same content, so their frames per window (the model's own saving) agree.
     media = {"jpeg": encode_frames(content, len(content), args.frame_size, args.fps),
-             "ts": mpegts_bytes(content, args.fps, args.gop)}
+             "ts": mpegts_bytes(content, args.fps, args.gop), "labels": content_labels}
     h, w = content[0].shape[:2]
     log(f"stream content: {args.source} ({len(content)} frames, {w}x{h}, {len(content) / args.fps:.0f} s looped)")
     log(f"push: {len(media['jpeg'])} JPEG frames, "
@@ -1019,6 +1054,13 @@ def main(argv: list[str] | None = None) -> int:
         if full_best:
             log(f"  at {n_full} streams without exit: p50 {full_best.server_p50:.1f} ms, p99 "
                 f"{full_best.server_p99:.1f} ms; {full_best.steps / max(full_best.windows, 1):.2f} frames per window")
+        if (exit_best and exit_best.windows_judged) or (full_best and full_best.windows_judged):
+            # Early exit is only worth the accuracy it keeps: the same content, live, with and without.
+            log("  live accuracy (final top-1 of the windows whose frames showed one video): "
+                + ", ".join(f"{t.live_accuracy:.1%} of {t.windows_judged} windows {label}"
+                            for label, t in (("with exit", exit_best), ("without", full_best)) if t))
+            headline.update({f"{transport}_live_accuracy_{label}": round(t.live_accuracy, 4) if t else None
+                             for label, t in (("exit", exit_best), ("full", full_best))})
         # CPU per stream where both budgets ran sustained, at about the same N (the one the no-exit search
         # reached): a capacity ratio that does not depend on what else the machine runs.
         common = min(n_exit, n_full)
