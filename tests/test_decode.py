@@ -166,7 +166,7 @@ def test_uri_paths_are_opened_through_pyarrow(tmp_path, shared_video_paths):
 
 def test_the_decode_tasks_module_imports_without_torch():
     # Every Ray Data decode worker imports this module: torch and torchvision would cost each one
-    # about 5 s of start-up and hundreds of MB, for nothing (decoding is PyAV and numpy).
+    # about 5 s of start-up and 600 MB resident, for nothing (decoding is PyAV and numpy).
     import subprocess
     import sys
 
