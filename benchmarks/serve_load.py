@@ -42,11 +42,12 @@ stops at its first confident frame.
   wall-clock search above measures the neighbours too).
 * **Frame latency**: p50/p99 of the server's per-frame latency (frame received or decoded by the
   ingress -> prediction event) at the sustained N.
-* **Live accuracy** (push, a labelled ``manifest.csv`` source): of the windows whose stepped frames
-  all showed one video (each step's event echoes its frame's ``pts``, which says which content frame
-  was sent), the share whose final top-1 label is that video's -- with early exit and without, so
-  the capacity gained can be weighed against the accuracy kept. Windows that span two videos have no
-  single right answer and are not judged.
+* **Live accuracy** (a labelled ``manifest.csv`` source): of the windows whose stepped frames all
+  showed one video (each step's event echoes its frame's ``pts``, which says which content frame was
+  sent -- pushed, or decoded from the pulled MPEG-TS), the share whose final top-1 label is that
+  video's -- with early exit and without, so the capacity gained can be weighed against the accuracy
+  kept. Windows that span two videos have no single right answer and are not judged. Pushed: every
+  stream; pulled: ``--pull-judged-streams`` of them (read as server-sent events, each step's).
 * **Serve vs in-process**: one pushed stream; the server's per-frame latency p50 against the same
   work done directly in this process -- JPEG decode, the input transform and one ``model.step`` of
   batch 1 with the stream's state -- paced like for like (``*_vs_paced``, the goal's ratio): one call
@@ -82,7 +83,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -449,18 +450,9 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         steps += sum(e["step"] + 1 for e in done)
         exits += sum(1 for e in done if e["exited"])
         if labels:
-            # What each window's steps showed: the frame sent at ``pts`` was content frame
-            # ``local + offsets[j]`` (looped), and the server echoes each step's ``pts``.
-            shown: dict[int, set] = {}
-            for e in s.events:
-                if e.get("type") == "prediction" and e.get("pts") is not None:
-                    content = (int(round(e["pts"] * fps)) + offsets[j]) % len(labels)
-                    shown.setdefault(e["window"], set()).add(labels[content])
-            for e in done:
-                truth = shown.get(e["window"], set())
-                if len(truth) == 1 and None not in truth and e.get("top_k"):
-                    judged += 1
-                    correct += e["top_k"][0]["index"] == next(iter(truth))
+            # The frame sent at ``pts`` was content frame ``local + offsets[j]`` (looped).
+            right, of = judge_windows(s.events, done, labels, lambda pts, j=j: int(round(pts * fps)) + offsets[j])
+            correct, judged = correct + right, judged + of
         ended = next((e for e in reversed(s.events) if e.get("type") == "stream_ended"), None)
         if ended:
             sampled += ended["counters"]["frames_sampled"]
@@ -475,6 +467,25 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                  cpu_ms_per_stream_s=sum(cpu_parts.values()) if cpu_parts else float("nan"), cpu_parts=cpu_parts,
                  loop_lag_ms=ingress_lag, breakdown={k: round(percentile(v, 50), 2) for k, v in breakdown.items()},
                  latencies=server_lat, windows_judged=judged, windows_correct=correct)
+
+
+def judge_windows(events: list[dict], done: list[dict], labels: list[int | None],
+                  content_index: Callable[[float], int]) -> tuple[int, int]:
+    """(right, judged) of the windows ``done`` (final prediction events): a window is judged when every
+    frame it stepped showed one video, and right when its final top-1 label is that video's. The server
+    echoes each step's ``pts`` (``emit=steps``); ``content_index`` says which frame of the content
+    (``labels``, looped) was sent at that ``pts``."""
+    shown: dict[int, set] = {}
+    for e in events:
+        if e.get("type") == "prediction" and e.get("pts") is not None:
+            shown.setdefault(e["window"], set()).add(labels[content_index(e["pts"]) % len(labels)])
+    right = judged = 0
+    for e in done:
+        truth = shown.get(e["window"], set())
+        if len(truth) == 1 and None not in truth and e.get("top_k"):
+            judged += 1
+            right += e["top_k"][0]["index"] == next(iter(truth))
+    return right, judged
 
 
 def judge(limits: dict[str, float], *, p50: float, p99: float, sampled: int, dropped: dict[str, int],
@@ -518,6 +529,39 @@ def mpegts_bytes(frames: list[np.ndarray], fps: float, gop: int = 50) -> tuple[b
         for packet in out.encode(None):
             dst.mux(packet)
     return buffer.getvalue(), len(frames) / float(rate), float(rate)
+
+
+def first_frame_time(ts: bytes) -> float:
+    """The media time of the MPEG-TS's first frame (the muxer starts the clock above zero), from which
+    the server's ``pts`` of a pulled frame says which frame of the content it was."""
+    with av.open(io.BytesIO(ts), format="mpegts") as container:
+        return float(next(container.decode(video=0)).time)
+
+
+class EventWatcher(threading.Thread):
+    """A pulled stream's server-sent events, gathered until the stream ends (or the server stops
+    answering): what the push trials read from their WebSockets."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True, name="event-watcher")
+        self.url = url
+        self.events: list[dict] = []
+        self.error = ""
+
+    def run(self) -> None:
+        from pipelines.stream_client import iter_sse
+
+        try:
+            with requests.get(self.url, headers=dict(HTTP.headers), stream=True, timeout=(30, 120)) as response:
+                if response.status_code != 200:
+                    self.error = f"HTTP {response.status_code}"
+                    return
+                for event in iter_sse(response.iter_lines(decode_unicode=True)):
+                    self.events.append(event)
+                    if event.get("type") == "stream_ended":
+                        return
+        except (requests.RequestException, ValueError) as error:
+            self.error = type(error).__name__
 
 
 class UdpSender(threading.Thread):
@@ -577,18 +621,30 @@ def _summaries(base_url: str) -> dict[str, dict]:
 
 
 async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, float, float],
-                         args: argparse.Namespace, tag: str) -> Trial:
+                         args: argparse.Namespace, tag: str, labels: list[int | None] | None = None,
+                         ts_start: float = 0.0) -> Trial:
+    """``n`` streams pulled over UDP from one looped MPEG-TS (``ts``: bytes, duration, rate), each
+    joining it at its own point. ``labels`` (one per frame of the TS, whose first frame is at media
+    time ``ts_start``): up to ``--pull-judged-streams`` of the streams, spread over those points, send
+    every step's event (``emit=steps``; the rest only window results), read as server-sent events,
+    and their windows' final predictions are judged (:attr:`Trial.live_accuracy`)."""
     loop = asyncio.get_running_loop()
     ports = free_udp_ports(n)
     ids = [f"{tag}-{budget}-{n}-{i}" for i in range(n)]
+    k = args.pull_judged_streams if labels else 0
+    watched = ids[::max(1, n // k)][:k] if k else []
+    watchers = [EventWatcher(f"{base_url}/v1/streams/{sid}/events") for sid in watched]
     sender = UdpSender(ts[0], ts[1], ports)
     sender.start()
 
     def create() -> None:
         for sid, port in zip(ids, ports):
             reply = HTTP.post(f"{base_url}/v1/streams", timeout=60, json={
-                "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget, "emit": "windows"})
+                "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget,
+                "emit": "steps" if sid in watched else "windows"})
             reply.raise_for_status()
+        for watcher in watchers:
+            watcher.start()
 
     def delete() -> None:
         for sid in ids:
@@ -606,9 +662,10 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         await loop.run_in_executor(None, create)
         await asyncio.sleep(args.pull_warmup)
         before = await loop.run_in_executor(None, _summaries, base_url)
-        cpu_from, measured_from = serve_cpu_seconds(), time.monotonic()
+        cpu_from, measured_from, judge_from = serve_cpu_seconds(), time.monotonic(), time.time()
         await asyncio.sleep(args.duration)
         cpu_parts = cpu_per_stream(cpu_from, serve_cpu_seconds(), n, time.monotonic() - measured_from)
+        judge_until = time.time()
         after = await loop.run_in_executor(None, _summaries, base_url)
         lag = await loop.run_in_executor(None, loop_lag, base_url)
     except (requests.RequestException, ValueError, KeyError) as error:
@@ -618,6 +675,9 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         sender.halt.set()
         await loop.run_in_executor(None, delete)
         sender.join(5)
+        for watcher in watchers:  # their streams have ended: each gets its stream_ended
+            if watcher.ident is not None:
+                await loop.run_in_executor(None, watcher.join, 15)
     if unresponsive:
         await asyncio.sleep(5.0)  # let the server drain before the next trial
         return Trial(n, budget, False, unresponsive, float("nan"), float("nan"), float("nan"), float("nan"),
@@ -665,6 +725,13 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
             p99s.append(b["latency_ms"]["p99"])
     p50 = float(np.median(p50s)) if p50s else float("nan")
     p99 = max(p99s) if p99s else float("nan")
+    right = judged = 0
+    for watcher in watchers:
+        # The windows that ended in the measured interval (not cut short by the stream's end).
+        done = [e for e in watcher.events if e.get("type") == "prediction" and e.get("final")
+                and e.get("reason") != "end" and judge_from <= e["time"] <= judge_until]
+        r, j = judge_windows(watcher.events, done, labels or [], lambda pts: int(round((pts - ts_start) * ts[2])))
+        right, judged = right + r, judged + j
     reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(p50s))
     if missing:
         reasons.append(f"{missing} streams not live")
@@ -679,7 +746,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled,
                  sum(drops.values()), steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()),
                  cpu_parts=cpu_parts, loop_lag_ms=lag, decoded_share=decoded / received if received else float("nan"),
-                 dozed_share=dozed / span if span else float("nan"))
+                 dozed_share=dozed / span if span else float("nan"), windows_judged=judged, windows_correct=right)
 
 
 def limits_of(args: argparse.Namespace) -> dict[str, float]:
@@ -695,7 +762,8 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
     while True:
         tag = f"t{len(trials)}"
         if transport == "pull":
-            trial = await run_pull_trial(base_url, n, budget, media["ts"], args, tag)
+            trial = await run_pull_trial(base_url, n, budget, media["ts"], args, tag, labels=media["labels"],
+                                         ts_start=media["ts_start"])
         else:
             trial = await run_trial(base_url, n, budget, media["jpeg"], args.fps, args.warmup, args.duration,
                                     limits_of(args), tag=tag, send_all=args.push_send_all,
@@ -853,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pulled streams: a stream's reader learns the source's keyframe interval from its "
                              "first three keyframes (4-6 s at the default --gop) before it leaves frames undecoded "
                              "after exits; hours-long camera streams run in that state, so it is what is measured")
+    parser.add_argument("--pull-judged-streams", type=int, default=8,
+                        help="pulled streams whose windows are judged (live accuracy, labelled content): they send "
+                             "every step's event, the rest only window results; 0: none")
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--latency-duration", type=float, default=10.0,
                         help="seconds of each one-stream latency trial (after the warm-up)")
@@ -932,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     # Both transports show the same content, so their frames per window (the model's own saving) agree.
     media = {"jpeg": encode_frames(content, len(content), args.frame_size, args.fps),
              "ts": mpegts_bytes(content, args.fps, args.gop), "labels": content_labels}
+    media["ts_start"] = first_frame_time(media["ts"][0])
     h, w = content[0].shape[:2]
     log(f"stream content: {args.source} ({len(content)} frames, {w}x{h}, {len(content) / args.fps:.0f} s looped)")
     log(f"push: {len(media['jpeg'])} JPEG frames, "
