@@ -61,7 +61,10 @@ stops at its first confident frame.
   to back with hot caches, is much faster on a small shared machine than the same call at a stream's
   pace, and is printed too. Events carry a latency breakdown (queue, decode, step, model, send,
   transport) and the batch size, so the benchmark also prints Serve's overhead over the work as timed
-  inside the server (``*_vs_work``).
+  inside the server (``*_vs_work``). The rounds run on the fresh server, before the capacity
+  searches (one camera's latency on an idle server); after the searches, one more trial of the main
+  layout beside the paced baseline (``*_vs_paced_after_load``) shows whether the server came back as
+  fast from minutes of overload.
 
 Everything shares the machine (the generators too), so absolute numbers are this machine's, and
 noisy when other work runs; the ratios are the point. Headline figures come last as ``name=value``.
@@ -1053,22 +1056,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{info.get('model_runtime')}); {args.ingress_replicas} ingress replica(s), e.g. {info['replica']}; "
         f"recognizer {info['recognizer_replica']}")
 
-    trials: list[Trial] = []
-
-    async def run_all() -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for transport in transports:
-            for budget in (args.budget, "full"):
-                log(f"capacity, {transport}, budget {budget}:")
-                out[(transport, budget)] = await capacity(base, budget, transport, media, args, trials)
-        return out
-
-    results = asyncio.run(run_all())
     from ray import serve
 
     # Per-frame latency of one stream through both layouts (the separate Recognizer, and colocate_model:
     # the model inside the ingress, one hop less), side by side with the in-process baseline and the
-    # no-op hop.
+    # no-op hop -- first, on the fresh server, as one camera on an idle server sees it. The capacity
+    # searches follow, with the other layout and the probe gone; then one more trial of the main layout
+    # shows whether the server came back from them as fast (a server that ran overloaded for minutes
+    # may not: its forward pass took 11.6 ms after the twelfth set's searches, 4.4 in a fresh Recognizer).
     other = start(serve_config(not args.colocate, "/other"))
     serve.run(hop_probe_app(), name="adastream-bench-hop", route_prefix=None, blocking=False)
     main_layout, other_layout = ("colocated", "separate") if args.colocate else ("separate", "colocated")
@@ -1076,19 +1071,42 @@ def main(argv: list[str] | None = None) -> int:
     log(f"one pushed stream, no exit, {args.latency_rounds} rounds (in-process paced, then "
         f"{main_layout}, {other_layout}, the no-op recognizer call):")
 
-    async def measure_latency() -> list[LatencyRound]:
-        probe = serve.get_app_handle("adastream-bench-hop")
-        try:
-            return await latency_rounds({main_layout: base, other_layout: other.url}, probe, probe_request,
-                                        loaded, args, media["jpeg"])
-        finally:
-            await serve.shutdown_async()  # on this loop: the probe's handle routes requests on it
+    trials: list[Trial] = []
+    after_load: tuple[Trial, list[float]] | None = None
 
-    rounds = asyncio.run(measure_latency())
+    async def run_all() -> tuple[list[LatencyRound], dict[str, Any]]:
+        # One event loop for all of it: the probe's handle binds Serve's router to the loop it first
+        # runs on, and a handle whose loop has ended logs an error at the next controller update.
+        nonlocal after_load
+        loop = asyncio.get_running_loop()
+        try:
+            rounds = await latency_rounds({main_layout: base, other_layout: other.url},
+                                          serve.get_app_handle("adastream-bench-hop"), probe_request, loaded, args,
+                                          media["jpeg"])
+            for app in ("adastream-bench-hop", other.app_name):
+                await loop.run_in_executor(None, serve.delete, app)
+            out: dict[str, Any] = {}
+            for transport in transports:
+                for budget in (args.budget, "full"):
+                    log(f"capacity, {transport}, budget {budget}:")
+                    out[(transport, budget)] = await capacity(base, budget, transport, media, args, trials)
+            if transports:
+                await settle(base)
+                paced_after = direct_latency(loaded, media["jpeg"], T,
+                                             5 + int(args.latency_duration / args.sampling_interval),
+                                             interval=args.sampling_interval, tick=1 / args.fps, trace=args.trace_model)
+                after_load = (await single_stream_latency(base, media["jpeg"], args, "full"), paced_after)
+                log(f"one pushed stream after the capacity searches ({main_layout}): "
+                    f"{after_load[0].server_p50:.2f} ms, in-process paced {percentile(paced_after, 50):.2f} ms "
+                    f"({after_load[0].server_p50 / percentile(paced_after, 50):.2f}x); forward pass "
+                    f"{after_load[0].breakdown.get('model')} ms")
+            return rounds, out
+        finally:
+            await serve.shutdown_async()
+
+    rounds, results = asyncio.run(run_all())
     import ray
 
-    # Before the report: the probe's handle left a long-poll client bound to the finished event loop,
-    # which would log an error over the headline line when the next controller update arrived.
     ray.shutdown()
     for r in rounds:
         trials.extend(r.trials.values())
@@ -1207,6 +1225,9 @@ def main(argv: list[str] | None = None) -> int:
                      "serve_vs_paced": round(latency_ratio, 3), "serve_vs_paced_worst": round(ratios["separate"][-1], 3),
                      "colocated_vs_paced": round(colocated_ratio, 3),
                      "colocated_vs_paced_worst": round(ratios["colocated"][-1], 3)})
+    if after_load:
+        trials.append(after_load[0])
+        headline[f"{main_layout}_vs_paced_after_load"] = round(after_load[0].server_p50 / percentile(after_load[1], 50), 3)
     if args.json:
         args.json.write_text(json.dumps({"headline": headline,
                                          "trials": [{k: v for k, v in t.__dict__.items() if k != "latencies"}
