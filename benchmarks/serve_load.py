@@ -313,8 +313,9 @@ class Trial:
     latencies: list[float] = field(default_factory=list, repr=False)
     """The server's per-frame latencies (push), for pooling the one-stream trials of several rounds."""
     windows_judged: int = 0
-    """Push, labelled content: the windows that ended during the measurement whose stepped frames all
-    showed one video (a window that spans two videos has no single right answer)."""
+    """Labelled content: the windows that ended during the measurement whose stepped frames all showed
+    one video (a window that spans two videos has no single right answer); pulled: of the streams
+    watched (``--pull-judged-streams``)."""
     windows_correct: int = 0
     """Of those, the windows whose final top-1 label was that video's."""
 
@@ -535,7 +536,7 @@ def mpegts_bytes(frames: list[np.ndarray], fps: float, gop: int = 50) -> tuple[b
 
 
 def first_frame_time(ts: bytes) -> float:
-    """The media time of the MPEG-TS's first frame (the muxer starts the clock above zero), from which
+    """The media time of the MPEG-TS's first frame (a muxer may start its clock above zero), from which
     the server's ``pts`` of a pulled frame says which frame of the content it was."""
     with av.open(io.BytesIO(ts), format="mpegts") as container:
         return float(next(container.decode(video=0)).time)
@@ -730,6 +731,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     p99 = max(p99s) if p99s else float("nan")
     right = judged = 0
     for watcher in watchers:
+        if watcher.error:
+            log(f"    (the events of {watcher.url.rsplit('/', 2)[-2]}: {watcher.error})")
         # The windows that ended in the measured interval (not cut short by the stream's end).
         done = [e for e in watcher.events if e.get("type") == "prediction" and e.get("final")
                 and e.get("reason") != "end" and judge_from <= e["time"] <= judge_until]

@@ -923,10 +923,11 @@ def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared
             return len(answering) == 2
 
         _wait(both_answer, 90, "both ingress replicas answering")
-        # Until both replicas serve a stream. Requests land on either, but not always at once: right
-        # after another app's deletion reloads HAProxy, a CI run saw 20 creations in 0.5 s all land on
-        # one replica. So keep trying for a while, and delete the extra streams a busy replica takes
-        # (each decodes a looping video on these two cores).
+        # Until both replicas serve a stream. Requests land on either, but not always at once: a CI run
+        # saw 20 creations in 0.5 s all land on one replica, right after the previous test deleted its
+        # app (the cause was not found; alone, or after that test, it did not happen again). So keep
+        # trying for a while, and delete the extra streams a replica takes (each decodes a looping
+        # video on these two cores).
         owners: dict[str, str] = {}
         landed: list[str] = []
         deadline = time.monotonic() + 60
