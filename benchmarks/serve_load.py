@@ -36,7 +36,10 @@ stops at its first confident frame.
   (pull: >= 80 % of it, as UDP is paced by bytes), at most ``--max-drop`` of the frames the windows
   sample are dropped, the median frame latency stays under the sampling interval (the server keeps
   up) and the load generator keeps its schedule. Found by doubling N, then bisecting to within 10 %;
-  between trials the server is given time to stop the previous trial's streams and go quiet.
+  between trials the server is given time to stop the previous trial's streams and go quiet. The
+  server runs with its admission control as deployed by default: a replica past its capacity refuses
+  new streams (503, WebSocket close 1013), and a trial with refused streams is not sustained
+  (``--no-admission``: every stream admitted, to see how the server fails without it).
 * **Server CPU per stream** (proxy + replicas, from /proc) where both budgets ran sustained: a
   capacity ratio that does not depend on what else the machine runs (on a shared machine the
   wall-clock search above measures the neighbours too).
@@ -275,6 +278,8 @@ class StreamStats:
     client_latency: list[float] = field(default_factory=list)
     closed: bool = False
     wanted_pts: float | None = None  # the server's next_pts: it uses no earlier frame
+    close_code: int | None = None
+    close_reason: str = ""
 
 
 @dataclass
@@ -369,6 +374,7 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
         except websockets.exceptions.ConnectionClosed:
             pass
         s.closed = True
+        s.close_code, s.close_reason = ws.close_code, ws.close_reason or ""
 
     try:
         for s in stats:
@@ -464,6 +470,11 @@ async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float
                 drops[reason] = drops.get(reason, 0) + count
     p50, p99 = percentile(server_lat, 50), percentile(server_lat, 99)
     reasons = judge(limits, p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(server_lat))
+    # Admission control (ServeConfig.overload_window_s): a replica past its capacity closes new streams
+    # with 1013 before they start.
+    refused = [s for s in stats if s.close_code == 1013 and not any(e.get("type") == "stream_started" for e in s.events)]
+    if refused:
+        reasons.append(f"{len(refused)} streams refused ({refused[0].close_reason})")
     if lag > max(0.5, 5 * interval):
         reasons.append(f"generator {lag:.1f} s behind")
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, percentile(client_lat, 50),
@@ -641,14 +652,20 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     sender = UdpSender(ts[0], ts[1], ports)
     sender.start()
 
+    refused: dict[str, str] = {}  # stream -> why (admission control: 503 from a replica past its capacity)
+
     def create() -> None:
         for sid, port in zip(ids, ports):
             reply = HTTP.post(f"{base_url}/v1/streams", timeout=60, json={
                 "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget,
                 "emit": "steps" if sid in watched else "windows"})
+            if reply.status_code == 503:
+                refused[sid] = reply.json().get("detail", "")
+                continue
             reply.raise_for_status()
         for watcher in watchers:
-            watcher.start()
+            if watcher.url.rsplit("/", 2)[-2] not in refused:
+                watcher.start()
 
     def delete() -> None:
         for sid in ids:
@@ -693,6 +710,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     missing = stale = received = decoded = 0
     dozed = span = 0.0
     for sid in ids:
+        if sid in refused:
+            continue
         a, b = before.get(sid), after.get(sid)
         if a is None or b is None or b["status"] != "live":
             missing += 1
@@ -739,6 +758,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         r, j = judge_windows(watcher.events, done, labels or [], lambda pts: int(round((pts - ts_start) * ts[2])))
         right, judged = right + r, judged + j
     reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(p50s))
+    if refused:
+        reasons.append(f"{len(refused)} streams refused ({next(iter(refused.values()))})")
     if missing:
         reasons.append(f"{missing} streams not live")
     if stale:
@@ -951,6 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
                              "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
+    parser.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
+                        help="admission control (ServeConfig.overload_window_s, on by default): a replica past "
+                             "its capacity refuses new streams, and a trial with refused streams is not "
+                             "sustained; --no-admission: every stream is admitted, to see how the server fails")
     parser.add_argument("--trace-model", action=argparse.BooleanOptionalAction, default=True,
                         help="the model's step as a TorchScript trace (ServeConfig.trace_model, the default), in "
                              "the server and the in-process baseline; --no-trace-model: eager")
@@ -1041,7 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
                            # Ray's logical CPUs (one per core here) must hold both layouts' replicas at
                            # once for the latency rounds, or the second layout never starts.
                            ingress_cpus=min(0.5, max(1, (os.cpu_count() or 2) - 1) / (args.ingress_replicas + 1)),
-                           high_throughput="true" if args.high_throughput else "false", trace_model=args.trace_model)
+                           high_throughput="true" if args.high_throughput else "false", trace_model=args.trace_model,
+                           overload_window_s=ServeConfig.overload_window_s if args.admission else 0.0)
 
     config = start(serve_config(args.colocate))
     base = config.url

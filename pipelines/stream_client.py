@@ -60,7 +60,8 @@ class ClientOptions:
     ``drop_oldest`` keeps a live stream live."""
     max_frames: int | None = None
     reconnect_s: float = 60.0
-    """How long to keep trying to reconnect after the connection dropped."""
+    """How long to keep trying to reconnect after the connection dropped, or to start a pulled stream
+    while the server answers that it is overloaded (503)."""
     chunk_frames: int = 1
     """MPEG-TS: send a chunk every this many frames."""
     send_all: bool = False
@@ -355,7 +356,17 @@ def pull(source: str, options: ClientOptions, on_event: Callable[[dict], None]) 
                               "top_k": options.top_k, "emit": options.emit,
                               "drop_policy": options.drop_policy}.items() if v is not None}
     base = options.server.rstrip("/")
-    reply = requests.post(f"{base}/v1/streams", json=body, headers=headers, timeout=30)
+    deadline = time.monotonic() + options.reconnect_s
+    while True:
+        reply = requests.post(f"{base}/v1/streams", json=body, headers=headers, timeout=30)
+        # 503: the replica that answered is overloaded and says when to retry (another replica may
+        # answer then); or the proxy in front has no replica to send it to.
+        if reply.status_code != 503 or time.monotonic() > deadline:
+            break
+        retry_after = reply.headers.get("Retry-After", "")
+        wait = float(retry_after) if retry_after.isdigit() else 5.0
+        print(f"server unavailable (503), retrying in {wait:g} s: {reply.text[:200]}", file=sys.stderr)
+        time.sleep(wait)
     if reply.status_code != 201:
         raise RuntimeError(f"server refused the stream ({reply.status_code}): {reply.text}")
     stream_id = reply.json()["stream_id"]

@@ -439,6 +439,51 @@ def test_loop_lag_sees_a_blocked_event_loop():
     assert quiet["max"] < 200 and busy["max"] >= 250 and busy["p50"] < 200
 
 
+class _Stream:
+    """What the overload guard reads of a session: its id and drop counters."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.id = stream_id
+        self.counters = type("Counters", (), {"dropped": {}})()
+
+
+def test_overload_guard_counts_streams_starved_of_compute_within_its_window():
+    from pipelines.serve.overload import OverloadGuard
+
+    guard = OverloadGuard(window_s=5.0, stream_share=0.25, loop_lag_ms=100.0)
+    streams = [_Stream(f"s{i}") for i in range(8)]
+    guard.observe(streams, loop_lag_ms=1.0, now=0.0)
+    assert guard.reason(now=0.0) is None
+    # One stream that outruns its own queue (a client pushing faster than real time) is not overload.
+    streams[0].counters.dropped["queue_full"] = 30
+    guard.observe(streams, loop_lag_ms=1.0, now=1.0)
+    assert guard.starved_streams(now=1.0) == 1 and guard.reason(now=1.0) is None
+    # Drops the client caused (rate limit, malformed frames) do not count either.
+    streams[1].counters.dropped["rate_limited"] = 50
+    streams[2].counters.dropped["malformed"] = 5
+    guard.observe(streams, loop_lag_ms=1.0, now=2.0)
+    assert guard.reason(now=2.0) is None
+    # A quarter of the streams going without compute (2 of 8) is.
+    streams[3].counters.dropped["decoder_backlog"] = 1
+    guard.observe(streams, loop_lag_ms=1.0, now=3.0)
+    why = guard.reason(now=3.0)
+    assert why is not None and "2 of its 8 streams" in why
+    assert guard.describe(now=3.0)["overloaded"] is True and guard.retry_after_s() == 5
+    # Counters that stop growing age out of the window; the door opens again.
+    guard.observe(streams, loop_lag_ms=1.0, now=6.5)
+    assert guard.starved_streams(now=6.5) == 1 and guard.reason(now=6.5) is None
+    # Streams that end are forgotten, and a stream's counts are per stream.
+    guard.observe(streams[4:], loop_lag_ms=1.0, now=7.0)
+    assert guard.starved_streams(now=7.0) == 0 and guard.describe(now=7.0)["streams"] == 4
+    # A loop that runs late refuses on its own.
+    guard.observe(streams[4:], loop_lag_ms=150.0, now=8.0)
+    assert "event loop ran 150 ms late" in guard.reason(now=8.0)
+    # window_s=0: off.
+    off = OverloadGuard(window_s=0.0)
+    off.observe(streams, loop_lag_ms=1000.0, now=0.0)
+    assert off.reason(now=0.0) is None
+
+
 # ----------------------------------------------------------------------------------------- events
 def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
     async def scenario():
@@ -544,6 +589,9 @@ def test_config_needs_a_token_beyond_loopback(monkeypatch):
     with pytest.raises(ConfigError, match="unknown"):
         load_serve_config(None, ["max_stream=9"])
     assert ServeConfig(host="0.0.0.0", auth_token="x").resolved().local_files_allowed is False
+    assert load_serve_config(None, ["overload_window_s=0"]).resolved().overload_window_s == 0
+    with pytest.raises(ConfigError, match="overload_stream_share"):
+        ServeConfig(overload_stream_share=0).resolved()
 
 
 def test_high_throughput_mode_only_with_a_token(monkeypatch):

@@ -135,7 +135,11 @@ def server(ray_session, registered) -> Server:
         max_fps_in=100, max_consecutive_errors=20, sync_interval_s=0.5, ingress_cpus=0.5,
         recognizer_replicas=2, recognizer_cpus=1.0,  # two: losing one is a retry on the other
         reconnect_initial_s=0.3, reconnect_max_s=1.0, open_timeout_s=5.0, read_timeout_s=3.0,
-        api_requests_per_s=500, api_burst=1000, step_timeout_s=10.0))
+        api_requests_per_s=500, api_burst=1000, step_timeout_s=10.0,
+        # Admission control is tested on its own app (test_an_overloaded_replica_...): here the suite's
+        # streams share two cores with everything else, and a test's new stream must not be refused
+        # because the one before it had just overloaded the replica.
+        overload_window_s=0))
     try:
         yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", config, registered)
     finally:
@@ -896,6 +900,90 @@ def test_model_colocated_in_the_ingress(server, shared_video_paths, reference):
         serve.delete("adastream-colocated")
 
 
+def test_an_overloaded_replica_refuses_new_streams_and_serves_its_own(server, shared_video_paths):
+    """Admission control (overload.py) on a replica the suite really overloads: three streams push
+    every frame to the model (``window_seconds=0``) at 50 fps, more than a stream's steps can follow
+    (each waits its turn in a pass, and passes wait up to ``batch_wait_timeout_s`` for company), so
+    their frames are dropped for want of compute. New streams then get 503 / close 1013 while the three
+    are still served, and are admitted again once the drops have aged out of ``overload_window_s``."""
+    from ray import serve
+
+    from pipelines.serve import ServeConfig, start
+
+    config = start(ServeConfig(port=server.config.port, app_name="adastream-admission", route_prefix="/busy",
+                               model_uri=server.registered["model_uri"], tracking_uri=server.registered["tracking_uri"],
+                               auth_token=TOKEN, colocate_model=True, ingress_cpus=0.5, overload_window_s=2.0,
+                               # Only the first sign: on a busy machine the neighbours alone can make
+                               # this replica's loop late (the second sign, unit-tested in test_serve.py).
+                               overload_loop_lag_ms=60_000))
+    busy = Server(config.url, config.url.replace("http://", "ws://"), config, server.registered)
+    video = next(p for p in shared_video_paths if p.name == "test_mpeg4_audio.avi")
+    messages = jpeg_messages(video, 40, 5.0)
+    udp = f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+
+    def admission() -> dict:
+        return busy.info()["admission"]
+
+    def create(stream_id: str) -> requests.Response:
+        return requests.post(f"{busy.url}/v1/streams", headers=AUTH, timeout=30,
+                             json={"source": udp, "stream_id": stream_id})
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"before": admission()}
+        flooders = [Client(busy, f"flood-{i}", window_seconds=0) for i in range(3)]
+        for flooder in flooders:
+            await flooder.__aenter__()
+        stop = asyncio.Event()
+
+        async def flood(client: Client) -> None:
+            i = 0
+            while not stop.is_set():
+                await client.send(messages[i % len(messages)][1][12:])  # untimestamped: every frame is due
+                i += 1
+                await asyncio.sleep(0.02)
+
+        tasks = [asyncio.create_task(flood(f)) for f in flooders]
+        deadline = time.monotonic() + 30
+        while not (state := await asyncio.to_thread(admission))["overloaded"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        out["overloaded"] = state
+        out["post"] = await asyncio.to_thread(create, "refused-pull")
+        async with Client(busy, "refused-push") as refused:
+            out["push"] = (await refused.closed(), refused.close_reason)
+        served_from = time.time()
+        await asyncio.gather(*(f.wait_for(lambda e: e["type"] == "prediction" and e["time"] > served_from,
+                                          timeout=30) for f in flooders))
+        out["served"] = True
+        stop.set()
+        await asyncio.gather(*tasks)
+        for flooder in flooders:
+            await flooder.send(json.dumps({"type": "end"}))
+            await flooder.closed()
+            out.setdefault("dropped", []).append(
+                (await asyncio.to_thread(busy.get, f"/v1/streams/{flooder.stream_id}")).json()["counters"]["dropped"])
+        deadline = time.monotonic() + 30
+        while (state := await asyncio.to_thread(admission))["overloaded"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        out["recovered"] = state
+        out["post_after"] = await asyncio.to_thread(create, "admitted-pull")
+        async with Client(busy, "admitted-push") as admitted:
+            await admitted.wait_for(lambda e: e["type"] == "stream_started")
+        return out
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        serve.delete("adastream-admission")
+    assert out["before"]["overloaded"] is False and out["before"]["limits"]["window_s"] == 2.0
+    assert all(d.get("queue_full", 0) > 0 for d in out["dropped"]), out["dropped"]
+    assert out["overloaded"]["overloaded"] is True and "for want of compute" in out["overloaded"]["reason"]
+    assert out["post"].status_code == 503 and out["post"].headers["Retry-After"] == "2"
+    assert "overloaded" in out["post"].json()["detail"]
+    assert out["push"][0] == 1013 and "overloaded" in out["push"][1]
+    assert out["served"]  # the streams it has are still served
+    assert out["recovered"]["overloaded"] is False and out["post_after"].status_code == 201
+
+
 def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared_video_paths):
     """ingress_replicas=2: pulled streams spread over both replicas, and whichever replica a request
     lands on answers for every stream -- its status, its server-sent events (relayed from the replica
@@ -1026,7 +1114,7 @@ def test_prometheus_metrics_are_exported(server, ray_session, shared_video_paths
               "ray_adastream_stream_fps", "ray_adastream_stream_model_fps", "ray_adastream_stream_latency_p50_ms",
               "ray_adastream_stream_latency_p99_ms", "ray_adastream_frame_latency_ms_bucket",
               "ray_adastream_frames_dropped_total", "ray_adastream_windows_total", "ray_adastream_active_streams",
-              "ray_adastream_batch_size_bucket"]
+              "ray_adastream_batch_size_bucket", "ray_adastream_overloaded"]
     video = next(p for p in shared_video_paths if p.name == "demo.mp4")
     messages = jpeg_messages(video, 250, 10.0)
 

@@ -120,6 +120,13 @@ class ServeConfig:
     """Concurrent streams per ingress replica; more get 429 / WebSocket close 1013."""
     idle_timeout_s: float = 60.0
     """Streams without a frame (or a connected client) for this long are evicted."""
+    overload_window_s: float = 5.0
+    """Admission control (``pipelines/serve/overload.py``): an ingress replica past its capacity refuses
+    new streams (503 / WebSocket close 1013) while, within the last this many seconds, at least
+    ``overload_stream_share`` of its streams dropped frames for want of compute or its event loop ran
+    more than ``overload_loop_lag_ms`` late (median). 0 turns it off (``max_streams`` still applies)."""
+    overload_stream_share: float = 0.25
+    overload_loop_lag_ms: float = 200.0
     queue_frames: int = 2
     """Sampled frames waiting for the model per stream; beyond it ``drop_policy`` applies."""
     drop_policy: str = "drop_oldest"
@@ -193,6 +200,9 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.frame_threads_min_pixels < 0:
             raise ConfigError(f"frame_threads_min_pixels must be >= 0, got {self.frame_threads_min_pixels!r}")
+        if self.overload_window_s < 0 or not 0 < self.overload_stream_share <= 1 or self.overload_loop_lag_ms <= 0:
+            raise ConfigError("overload_window_s must be >= 0, overload_stream_share in (0, 1] and "
+                              "overload_loop_lag_ms positive")
         if self.window_frames < 0 or self.window_seconds < 0:
             raise ConfigError("window_frames and window_seconds must be >= 0")
 

@@ -15,11 +15,11 @@ Endpoints (all under the app's route prefix; OpenAPI at ``/openapi.json``, docs 
 ``GET  /healthz``                        liveness (no token)
 =======================================  =====================================================================
 
-WebSocket close codes: 1000 normal (stream ended), 1009 message too big, 1013 too many streams (try
-again later), 4400 bad request (bad id / parameters / too many malformed frames), 4401 missing or
-wrong token, 4408 evicted after the idle timeout, 4409 replaced by a newer connection for the same
-stream (or the id is a pull stream), 4429 frame rate far above the limit. HTTP: 401, 404, 409, 413,
-422, 429 with a JSON ``detail``.
+WebSocket close codes: 1000 normal (stream ended), 1009 message too big, 1013 too many streams or the
+replica is overloaded (try again later), 4400 bad request (bad id / parameters / too many malformed
+frames), 4401 missing or wrong token, 4408 evicted after the idle timeout, 4409 replaced by a newer
+connection for the same stream (or the id is a pull stream), 4429 frame rate far above the limit.
+HTTP: 401, 404, 409, 413, 422, 429, 503 (overloaded, with ``Retry-After``) with a JSON ``detail``.
 
 Everything a stream does happens in its :class:`~pipelines.serve.stream.StreamSession`; this module
 wires transports to sessions and enforces the limits before any work is spent.
@@ -56,6 +56,7 @@ from pipelines.serve.engine import StepBatcher, StepRequest, StepResult
 from pipelines.serve.events import Event, Subscriber
 from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, PayloadError, Preprocess,
                                     image_dimensions, parse_message)
+from pipelines.serve.overload import OverloadGuard
 from pipelines.serve.sources import (ChunkPipe, KeyframeSkipper, SourceFrame, SourceOptions, SourceReader,
                                      open_pipe, open_url, receive_buffer_bytes)
 from pipelines.serve.stream import PULL, PUSH, FrameGate, StreamSession, TokenBucket, parse_settings
@@ -131,9 +132,14 @@ class StreamList(BaseModel):
 class StreamError(Exception):
     """An API error with an HTTP status and a WebSocket close code."""
 
-    def __init__(self, status: int, close_code: int, detail: str) -> None:
+    def __init__(self, status: int, close_code: int, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(detail)
         self.status, self.close_code, self.detail = status, close_code, detail
+        self.retry_after_s = retry_after_s
+
+    def http(self) -> HTTPException:
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return HTTPException(self.status, self.detail, headers=headers)
 
 
 def serve_data_plane() -> dict[str, str]:
@@ -337,6 +343,8 @@ class Ingress:
 
         self.metrics = ServeMetrics()
         self.loop_lag = LoopLag()
+        self.overload = OverloadGuard(config.overload_window_s, config.overload_stream_share,
+                                      config.overload_loop_lag_ms)
         # Streams of this replica that clients of other replicas watch (server-sent events relayed
         # through the directory): their subscription here (``after_seq``: where the forwarding began).
         self._relays: dict[str, Subscriber] = {}
@@ -402,8 +410,16 @@ class Ingress:
             raise HTTPException(429, "too many requests; slow down", headers={"Retry-After": "1"})
 
     def _check_capacity(self) -> None:
+        """Admission of a new stream: the fixed limit, then whether this replica is past its capacity
+        (``overload.py``)."""
         if len(self.sessions) >= self.config.max_streams:
+            self.metrics.refused.inc(1.0, {"reason": "max_streams"})
             raise StreamError(429, CLOSE_TRY_AGAIN, f"too many streams (the limit is {self.config.max_streams})")
+        why = self.overload.reason()
+        if why is not None:
+            self.metrics.refused.inc(1.0, {"reason": "overloaded"})
+            raise StreamError(503, CLOSE_TRY_AGAIN, f"overloaded: {why}; retry in {self.overload.retry_after_s()} s",
+                              retry_after_s=self.overload.retry_after_s())
 
     # ================================================================ sessions
     def _new_session(self, stream_id: str, kind: str, settings: Any, source: dict | None,
@@ -605,7 +621,8 @@ class Ingress:
             except BudgetError:
                 pass
         for record in reply.get("orphans", []):
-            if record["stream_id"] in self.sessions or len(self.sessions) >= self.config.max_streams:
+            if (record["stream_id"] in self.sessions or len(self.sessions) >= self.config.max_streams
+                    or self.overload.reason() is not None):  # a less loaded replica may take it
                 continue
             await self._adopt(record)
 
@@ -693,6 +710,9 @@ class Ingress:
             try:
                 now = time.monotonic()
                 self.metrics.publish(self.sessions.values(), self.loop_lag)
+                self.overload.observe(self.sessions.values(),
+                                      self.loop_lag.recent_median_ms(self.config.overload_window_s), now)
+                self.metrics.overloaded.set(1.0 if self.overload.reason(now) is not None else 0.0)
                 for session in list(self.sessions.values()):
                     if now - session.last_activity > self.config.idle_timeout_s and not session.busy:
                         await self._evict(session)
@@ -746,6 +766,7 @@ class Ingress:
             "auth": bool(cfg.auth_token), "replica": self.replica, "recognizer_replica": self.meta.get("replica"),
             "data_plane": serve_data_plane(),
             "streams": len(self.sessions), "event_loop_lag_ms": self.loop_lag.summary(),
+            "admission": self.overload.describe(),
         }
 
     @api.get("/v1/budget", tags=["budget"], summary="The server-wide default budget")
@@ -775,7 +796,8 @@ class Ingress:
     @api.post("/v1/streams", status_code=201, tags=["streams"], response_model=StreamInfo,
               summary="Start a pull stream: the server reads the source at its own rate",
               responses={409: {"description": "stream id in use"}, 422: {"description": "bad source or settings"},
-                         429: {"description": "too many streams or requests"}})
+                         429: {"description": "too many streams or requests"},
+                         503: {"description": "this replica is overloaded: retry after Retry-After seconds"}})
     async def create_stream(self, body: StreamCreate, request: Request, response: Response,
                             credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                             token: str | None = Query(None)) -> dict:
@@ -794,7 +816,7 @@ class Ingress:
                 raise StreamError(409, CLOSE_CONFLICT, f"stream {stream_id!r} is served by another replica")
             session = self._new_session(stream_id, PULL, settings, body.model_dump(exclude={"stream_id"}), None)
         except StreamError as error:
-            raise HTTPException(error.status, error.detail) from None
+            raise error.http() from None
         except BudgetError as error:
             raise HTTPException(422, str(error)) from None
         self._start_reader(session, options)

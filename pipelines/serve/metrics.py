@@ -50,6 +50,12 @@ class LoopLag:
             await asyncio.sleep(self.interval)
             self._lags.append(max(0.0, time.monotonic() - started - self.interval))
 
+    def recent_median_ms(self, seconds: float) -> float | None:
+        """The median lag of the samples of the last ``seconds`` (None before the first sample)."""
+        count = max(1, int(round(seconds / self.interval)))
+        recent = list(self._lags)[-count:]
+        return float(np.median(recent)) * 1e3 if recent else None
+
     def summary(self) -> dict[str, float | None]:
         """p50, p90 and max in ms (None before the first sample)."""
         if not self._lags:
@@ -89,6 +95,10 @@ class ServeMetrics:
         self.active = Gauge("adastream_active_streams", "Streams on this ingress replica")
         self.lag_p50 = Gauge("adastream_event_loop_lag_p50_ms", "Median event loop lag over the last 10 s")
         self.lag_max = Gauge("adastream_event_loop_lag_max_ms", "Largest event loop lag over the last 10 s")
+        self.overloaded = Gauge("adastream_overloaded", "1 while this ingress replica refuses new streams "
+                                                        "because it cannot serve the ones it has")
+        self.refused = Counter("adastream_streams_refused", "New streams refused (max_streams, overloaded)",
+                               ("reason",))
         self._published: dict[str, _Published] = {}
 
     def publish(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> None:
