@@ -19,8 +19,8 @@ that is refused can retry, which behind several replicas may reach a less loaded
   ``loop_lag_ms`` (:class:`~pipelines.serve.metrics.LoopLag`): every frame, event and API request of
   the replica waits on that one loop. The default, 200 ms, is a backstop for a replica starved so
   badly that its API would stop answering: in the benchmark the loop's median lag stayed under 5 ms at
-  every load sustained and reached 20-50 ms where streams already dropped a third of their frames
-  (which the first sign catches), 340 ms only far beyond capacity.
+  every load sustained and reached 12-55 ms where streams already dropped a tenth to most of their
+  frames (which the first sign catches), 200-340 ms only far beyond capacity.
 
 A brief hiccup -- a recognizer replica restarting, a garbage collection -- can close the door for
 ``window_s`` seconds; refused clients are told to retry after that long.
