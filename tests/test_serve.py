@@ -1204,3 +1204,60 @@ def test_rate_meter_counts_events_reported_in_bulk():
             in_bulk.tick(i / 25, 5 if i else 1)  # every fifth frame, with the four before it
     assert one_by_one.rate(1.0) == pytest.approx(25.0)
     assert in_bulk.rate(1.0) == pytest.approx(25.0)
+
+
+# ----------------------------------------------------------------------------------------- clients
+def test_pull_client_retries_an_overloaded_server_after_retry_after():
+    """``stream_client.pull`` against a real HTTP server on loopback that first answers 503 with
+    ``Retry-After`` (a replica past its capacity, see overload.py), then creates the stream."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.stream_client import ClientOptions, pull
+
+    posts: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(time.monotonic())
+            if len(posts) == 1:
+                body, status, headers = {"detail": "overloaded: ..."}, 503, {"Retry-After": "1"}
+            else:
+                body, status, headers = {"stream_id": "cam-1", "status": "starting"}, 201, {}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            assert self.path == "/v1/streams/cam-1/events"
+            data = b'data: {"type": "stream_ended", "stream_id": "cam-1"}\n\n'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        events: list[dict] = []
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        reply = pull("udp://127.0.0.1:5000", ClientOptions(server=url, reconnect_s=10), events.append)
+        assert reply["stream_id"] == "cam-1" and [e["type"] for e in events] == ["stream_ended"]
+        assert len(posts) == 2 and posts[1] - posts[0] >= 0.9  # waited as told
+        # Past reconnect_s, the 503 is the answer.
+        posts.clear()
+        with pytest.raises(RuntimeError, match="503"):
+            pull("udp://127.0.0.1:5000", ClientOptions(server=url, reconnect_s=0), events.append)
+        assert len(posts) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
