@@ -418,8 +418,8 @@ class Ingress:
         why = self.overload.reason()
         if why is not None:
             self.metrics.refused.inc(1.0, {"reason": "overloaded"})
-            raise StreamError(503, CLOSE_TRY_AGAIN, f"overloaded: {why}; retry in {self.overload.retry_after_s()} s",
-                              retry_after_s=self.overload.retry_after_s())
+            retry = self.overload.retry_after_s()
+            raise StreamError(503, CLOSE_TRY_AGAIN, f"overloaded: {why}; retry in {retry} s", retry_after_s=retry)
 
     # ================================================================ sessions
     def _new_session(self, stream_id: str, kind: str, settings: Any, source: dict | None,

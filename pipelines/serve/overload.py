@@ -98,7 +98,8 @@ class OverloadGuard:
         return max(1, math.ceil(self.window_s))
 
     def describe(self, now: float | None = None) -> dict[str, Any]:
-        return {"overloaded": self.reason(now) is not None, "reason": self.reason(now),
+        why = self.reason(now)
+        return {"overloaded": why is not None, "reason": why,
                 "starved_streams": self.starved_streams(now), "streams": self._streams,
                 "loop_lag_p50_ms": self._loop_lag_ms,
                 "limits": {"window_s": self.window_s, "stream_share": self.stream_share,
