@@ -38,7 +38,10 @@ stops at its first confident frame.
   up) and the load generator keeps its schedule. Found by doubling N, then bisecting to within 10 %;
   between trials the server is given time to stop the previous trial's streams and go quiet. The
   server runs with its admission control as deployed by default: a replica past its capacity refuses
-  new streams (503, WebSocket close 1013), and a trial with refused streams is not sustained
+  new streams (503, WebSocket close 1013). A refused pulled stream is asked for again after the
+  server's ``Retry-After``, as ``stream_client.py --pull`` does, for up to ``--admission-wait`` s (a
+  burst of new streams trips the guard for a few seconds; the warm-up starts once the last stream is
+  in); a trial with streams still refused after that, or a refused pushed stream, is not sustained
   (``--no-admission``: every stream admitted, to see how the server fails without it).
 * **Server CPU per stream** (proxy + replicas, from /proc) where both budgets ran sustained: a
   capacity ratio that does not depend on what else the machine runs (on a shared machine the
@@ -323,6 +326,8 @@ class Trial:
     watched (``--pull-judged-streams``)."""
     windows_correct: int = 0
     """Of those, the windows whose final top-1 label was that video's."""
+    admitted_on_retry: int = 0
+    """Pull: streams refused at first (admission control, 503) and admitted when asked again."""
 
     @property
     def live_accuracy(self) -> float:
@@ -338,7 +343,8 @@ class Trial:
                 + (f" | decoded {self.decoded_share:.0%}" if self.decoded_share == self.decoded_share else "")
                 + (f" dozed {self.dozed_share:.0%}" if self.dozed_share == self.dozed_share else "")
                 + (f" | live accuracy {self.live_accuracy:.1%} of {self.windows_judged} windows"
-                   if self.windows_judged else ""))
+                   if self.windows_judged else "")
+                + (f" | {self.admitted_on_retry} admitted on retry" if self.admitted_on_retry else ""))
 
 
 async def run_trial(base_url: str, n: int, budget: str, frames: list[tuple[float, bytes]], fps: float,
@@ -653,16 +659,33 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     sender.start()
 
     refused: dict[str, str] = {}  # stream -> why (admission control: 503 from a replica past its capacity)
+    retried: set[str] = set()  # streams admitted only after a 503
 
     def create() -> None:
-        for sid, port in zip(ids, ports):
-            reply = HTTP.post(f"{base_url}/v1/streams", timeout=60, json={
-                "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget,
-                "emit": "steps" if sid in watched else "windows"})
-            if reply.status_code == 503:
-                refused[sid] = reply.json().get("detail", "")
-                continue
-            reply.raise_for_status()
+        # Like ``stream_client.py --pull``, a refused stream is asked for again after the server's
+        # Retry-After, for up to ``--admission-wait`` s: a burst of new streams can trip a replica's
+        # admission control for a few seconds, and a stream admitted a little later is sustained all
+        # the same. The warm-up starts once the last stream is in.
+        pending = list(zip(ids, ports))
+        give_up = time.monotonic() + args.admission_wait
+        while pending:
+            retry_after, again = 0.0, []
+            for sid, port in pending:
+                reply = HTTP.post(f"{base_url}/v1/streams", timeout=60, json={
+                    "source": f"udp://127.0.0.1:{port}", "stream_id": sid, "budget": budget,
+                    "emit": "steps" if sid in watched else "windows"})
+                if reply.status_code == 503:
+                    refused[sid] = reply.json().get("detail", "")
+                    retry_after = max(retry_after, float(reply.headers.get("Retry-After") or 1.0))
+                    again.append((sid, port))
+                    continue
+                reply.raise_for_status()
+                if refused.pop(sid, None) is not None:
+                    retried.add(sid)
+            pending = again
+            if pending and time.monotonic() + retry_after > give_up:
+                break
+            time.sleep(retry_after)
         for watcher in watchers:
             if watcher.url.rsplit("/", 2)[-2] not in refused:
                 watcher.start()
@@ -759,7 +782,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         right, judged = right + r, judged + j
     reasons = judge(limits_of(args), p50=p50, p99=p99, sampled=sampled, dropped=drops, have_results=bool(p50s))
     if refused:
-        reasons.append(f"{len(refused)} streams refused ({next(iter(refused.values()))})")
+        reasons.append(f"{len(refused)} streams refused for {args.admission_wait:g} s "
+                       f"({next(iter(refused.values()))})")
     if missing:
         reasons.append(f"{missing} streams not live")
     if stale:
@@ -773,7 +797,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     return Trial(n, budget, not reasons, "; ".join(reasons), p50, p99, float("nan"), float("nan"), sampled,
                  sum(drops.values()), steps, windows, exits, sender.late, cpu_ms_per_stream_s=sum(cpu_parts.values()),
                  cpu_parts=cpu_parts, loop_lag_ms=lag, decoded_share=decoded / received if received else float("nan"),
-                 dozed_share=dozed / span if span else float("nan"), windows_judged=judged, windows_correct=right)
+                 dozed_share=dozed / span if span else float("nan"), windows_judged=judged, windows_correct=right,
+                 admitted_on_retry=len(retried))
 
 
 def limits_of(args: argparse.Namespace) -> dict[str, float]:
@@ -972,6 +997,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Serve's HAProxy ingress and gRPC handles (ServeConfig.high_throughput, the "
                              "default); --no-high-throughput: Serve's Python proxy and actor-call handles")
+    parser.add_argument("--admission-wait", type=float, default=30.0,
+                        help="pull: how long a stream refused by admission control (503) is asked for again "
+                             "after the server's Retry-After, as stream_client.py does, before the trial counts it "
+                             "refused (0: never)")
     parser.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
                         help="admission control (ServeConfig.overload_window_s, on by default): a replica past "
                              "its capacity refuses new streams, and a trial with refused streams is not "
