@@ -484,6 +484,41 @@ def test_overload_guard_counts_streams_starved_of_compute_within_its_window():
     assert off.reason(now=0.0) is None
 
 
+def test_overload_guard_lets_new_streams_back_in_a_few_at_a_time_after_an_overload():
+    from pipelines.serve.overload import OverloadGuard
+
+    guard = OverloadGuard(window_s=5.0, stream_share=0.25, loop_lag_ms=100.0, ramp_share=0.05)
+    streams = [_Stream(f"s{i}") for i in range(60)]
+    guard.observe(streams, loop_lag_ms=1.0, now=-10.0)
+    # Never overloaded: no ramp, any number of new streams.
+    for _ in range(10):
+        assert guard.reason(now=-10.0) is None
+        guard.admitted(now=-10.0)
+    # Overloaded at t=1 (the loop's lag: the signs seen by observe alone, no admission asked).
+    guard.observe(streams, loop_lag_ms=150.0, now=1.0)
+    guard.observe(streams, loop_lag_ms=1.0, now=2.0)
+    # Signs gone: 5 % of 60 streams = 3 new streams per 5 s, for 10 s after the signs last held.
+    for _ in range(3):
+        assert guard.reason(now=2.5) is None
+        guard.admitted(now=2.5)
+    why = guard.reason(now=2.6)
+    assert why is not None and "admits at most 3 new streams every 5 s" in why
+    assert guard.describe(now=2.6)["overloaded"] is True
+    assert guard.reason(now=7.6) is None  # the three admitted at 2.5 aged out of the window
+    guard.admitted(now=7.6)
+    guard.admitted(now=7.6)
+    guard.admitted(now=7.6)
+    assert guard.reason(now=10.9) is not None  # still coming back (10 s after t=1)
+    assert guard.reason(now=11.1) is None      # the ramp is over
+    # A replica with few streams still lets one in at a time.
+    small = OverloadGuard(window_s=5.0)
+    small.observe(streams[:3], loop_lag_ms=500.0, now=0.0)
+    small.observe(streams[:3], loop_lag_ms=1.0, now=1.0)
+    assert small.ramp_allowance() == 1 and small.reason(now=1.0) is None
+    small.admitted(now=1.0)
+    assert "at most 1 new streams" in small.reason(now=1.1)
+
+
 # ----------------------------------------------------------------------------------------- events
 def test_event_log_replays_and_drops_oldest_for_slow_subscribers():
     async def scenario():

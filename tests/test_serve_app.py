@@ -966,6 +966,12 @@ def test_an_overloaded_replica_refuses_new_streams_and_serves_its_own(server, sh
             await asyncio.sleep(0.25)
         out["recovered"] = state
         out["post_after"] = await asyncio.to_thread(create, "admitted-pull")
+        # Coming back from the overload, the replica lets new streams in one at a time at first.
+        async with Client(busy, "ramped-push") as ramped:
+            out["ramped"] = (await ramped.closed(), ramped.close_reason)
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(admission))["overloaded"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
         async with Client(busy, "admitted-push") as admitted:
             await admitted.wait_for(lambda e: e["type"] == "stream_started")
         return out
@@ -982,6 +988,7 @@ def test_an_overloaded_replica_refuses_new_streams_and_serves_its_own(server, sh
     assert out["push"][0] == 1013 and "overloaded" in out["push"][1]
     assert out["served"]  # the streams it has are still served
     assert out["recovered"]["overloaded"] is False and out["post_after"].status_code == 201
+    assert out["ramped"][0] == 1013 and "coming back from an overload" in out["ramped"][1], out["ramped"]
 
 
 def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared_video_paths):

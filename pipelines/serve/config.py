@@ -127,6 +127,11 @@ class ServeConfig:
     more than ``overload_loop_lag_ms`` late (median). 0 turns it off (``max_streams`` still applies)."""
     overload_stream_share: float = 0.25
     overload_loop_lag_ms: float = 200.0
+    overload_ramp_share: float = 0.05
+    """For ``2 * overload_window_s`` after either sign last held, a replica admits at most this share of
+    its streams (at least one) as new streams per ``overload_window_s``: the signs show only seconds
+    after a stream starts, so clients that all come back after ``Retry-After`` would otherwise pile on
+    at once and overshoot again."""
     queue_frames: int = 2
     """Sampled frames waiting for the model per stream; beyond it ``drop_policy`` applies."""
     drop_policy: str = "drop_oldest"
@@ -200,9 +205,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.frame_threads_min_pixels < 0:
             raise ConfigError(f"frame_threads_min_pixels must be >= 0, got {self.frame_threads_min_pixels!r}")
-        if self.overload_window_s < 0 or not 0 < self.overload_stream_share <= 1 or self.overload_loop_lag_ms <= 0:
-            raise ConfigError("overload_window_s must be >= 0, overload_stream_share in (0, 1] and "
-                              "overload_loop_lag_ms positive")
+        if (self.overload_window_s < 0 or not 0 < self.overload_stream_share <= 1 or self.overload_loop_lag_ms <= 0
+                or not 0 < self.overload_ramp_share <= 1):
+            raise ConfigError("overload_window_s must be >= 0, overload_stream_share and overload_ramp_share in "
+                              "(0, 1] and overload_loop_lag_ms positive")
         if self.window_frames < 0 or self.window_seconds < 0:
             raise ConfigError("window_frames and window_seconds must be >= 0")
 

@@ -344,7 +344,7 @@ class Ingress:
         self.metrics = ServeMetrics()
         self.loop_lag = LoopLag()
         self.overload = OverloadGuard(config.overload_window_s, config.overload_stream_share,
-                                      config.overload_loop_lag_ms)
+                                      config.overload_loop_lag_ms, config.overload_ramp_share)
         # Streams of this replica that clients of other replicas watch (server-sent events relayed
         # through the directory): their subscription here (``after_seq``: where the forwarding began).
         self._relays: dict[str, Subscriber] = {}
@@ -420,6 +420,7 @@ class Ingress:
             self.metrics.refused.inc(1.0, {"reason": "overloaded"})
             retry = self.overload.retry_after_s()
             raise StreamError(503, CLOSE_TRY_AGAIN, f"overloaded: {why}; retry in {retry} s", retry_after_s=retry)
+        self.overload.admitted()  # counted once it passes (a request that then fails validation counts too)
 
     # ================================================================ sessions
     def _new_session(self, stream_id: str, kind: str, settings: Any, source: dict | None,

@@ -24,12 +24,20 @@ that is refused can retry, which behind several replicas may reach a less loaded
 
 A brief hiccup -- a recognizer replica restarting, a garbage collection -- can close the door for
 ``window_s`` seconds; refused clients are told to retry after that long.
+
+**Coming back.** The signs show only seconds after a stream starts, and the clients refused during
+an overload all come back after the same ``Retry-After``: reopening the door wide would let them all
+in at once and overshoot again (the benchmark, retrying refused pulled streams: at 192 pulled
+streams on 2 cores the API stopped answering). So for ``2 * window_s`` after either sign last held,
+the replica admits at most ``ramp_share`` of its streams (at least one) as new streams per
+``window_s``, and the signs can close the door again before the next few come in.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,10 +52,16 @@ class OverloadGuard:
     MIN_STREAMS = 2
     """A replica is judged starved only when at least this many streams went without compute."""
 
-    def __init__(self, window_s: float = 5.0, stream_share: float = 0.25, loop_lag_ms: float = 200.0) -> None:
+    def __init__(self, window_s: float = 5.0, stream_share: float = 0.25, loop_lag_ms: float = 200.0,
+                 ramp_share: float = 0.05) -> None:
         self.window_s = window_s
         self.stream_share = stream_share
         self.loop_lag_ms = loop_lag_ms
+        self.ramp_share = ramp_share
+        self._signs_at = -math.inf
+        """When either sign last held (seen by :meth:`observe` or :meth:`reason`)."""
+        self._admitted_at: deque[float] = deque()
+        """When new streams were admitted, over the last ``window_s`` seconds."""
         self._starved_at: dict[str, float] = {}
         """Stream -> when its count of frames dropped for want of compute last grew."""
         self._starved_count: dict[str, int] = {}
@@ -75,6 +89,8 @@ class OverloadGuard:
             self._starved_at.pop(gone, None)
         self._streams = len(live)
         self._loop_lag_ms = loop_lag_ms
+        if self.enabled and self._signs(now) is not None:
+            self._signs_at = now
 
     def starved_streams(self, now: float | None = None) -> int:
         """Streams that dropped a frame for want of compute in the last ``window_s`` seconds."""
@@ -85,6 +101,34 @@ class OverloadGuard:
         """Why this replica refuses new streams now, or None if it admits them."""
         if not self.enabled:
             return None
+        now = time.monotonic() if now is None else now
+        why = self._signs(now)
+        if why is not None:
+            self._signs_at = now
+            return why
+        if now - self._signs_at <= 2 * self.window_s:
+            allowance = self.ramp_allowance()
+            if self._recently_admitted(now) >= allowance:
+                return (f"it is coming back from an overload and admits at most {allowance} new streams every "
+                        f"{self.window_s:g} s")
+        return None
+
+    def ramp_allowance(self) -> int:
+        """New streams admitted per ``window_s`` while coming back from an overload."""
+        return max(1, math.floor(self.ramp_share * self._streams))
+
+    def admitted(self, now: float | None = None) -> None:
+        """A new stream was let in (counted for the ramp after an overload)."""
+        now = time.monotonic() if now is None else now
+        self._admitted_at.append(now)
+        self._recently_admitted(now)
+
+    def _recently_admitted(self, now: float) -> int:
+        while self._admitted_at and now - self._admitted_at[0] > self.window_s:
+            self._admitted_at.popleft()
+        return len(self._admitted_at)
+
+    def _signs(self, now: float) -> str | None:
         starved = self.starved_streams(now)
         if starved >= max(self.MIN_STREAMS, math.ceil(self.stream_share * self._streams)):
             return (f"{starved} of its {self._streams} streams dropped frames for want of compute in the last "
@@ -103,4 +147,4 @@ class OverloadGuard:
                 "starved_streams": self.starved_streams(now), "streams": self._streams,
                 "loop_lag_p50_ms": self._loop_lag_ms,
                 "limits": {"window_s": self.window_s, "stream_share": self.stream_share,
-                           "loop_lag_ms": self.loop_lag_ms}}
+                           "loop_lag_ms": self.loop_lag_ms, "ramp_share": self.ramp_share}}
