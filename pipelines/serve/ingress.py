@@ -625,6 +625,7 @@ class Ingress:
             if (record["stream_id"] in self.sessions or len(self.sessions) >= self.config.max_streams
                     or self.overload.reason() is not None):  # a less loaded replica may take it
                 continue
+            self.overload.admitted()  # an adopted stream is a new one here (the ramp after an overload)
             await self._adopt(record)
 
     async def _adopt(self, record: dict[str, Any]) -> None:
