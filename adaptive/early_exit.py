@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -80,12 +81,14 @@ class ExitPolicy:
 
     thresholds: torch.Tensor
     criterion: str = "confidence"
+    _score_thresholds: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}")
         self.thresholds = torch.as_tensor(self.thresholds, dtype=torch.float64).clone()
         self.thresholds[-1] = 0.0 if self.criterion == "confidence" else math.inf
+        self._score_thresholds = tuple(float(v) for v in _to_score_threshold(self.thresholds, self.criterion))
 
     @property
     def num_steps(self) -> int:
@@ -96,6 +99,18 @@ class ExitPolicy:
         tau = _to_score_threshold(self.thresholds.to(logits_t.device), self.criterion)
         t = torch.as_tensor(t, device=logits_t.device).clamp(max=self.num_steps - 1)
         return exit_scores(logits_t, self.criterion) >= tau[t]
+
+    def exits(self, logits: np.ndarray, t: int) -> bool:
+        """:meth:`should_exit` for one prediction (``logits [K]`` at 0-based step ``t``), in NumPy.
+
+        For a live server's event loop, which decides after every frame of every stream: a handful of
+        small torch operators there cost more than the arithmetic, and freeing their tensors can wait
+        for the GIL behind every decoding thread of the process."""
+        z = np.asarray(logits, dtype=np.float64)
+        logp = z - z.max()
+        logp -= np.log(np.exp(logp).sum())  # log_softmax
+        score = float(np.exp(logp.max())) if self.criterion == "confidence" else float((np.exp(logp) * logp).sum())
+        return score >= self._score_thresholds[min(t, len(self._score_thresholds) - 1)]
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "thresholds": [float(v) for v in self.thresholds]}

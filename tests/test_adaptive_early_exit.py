@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adaptive.early_exit import (
+    CRITERIA,
     ExitPolicy,
     default_p_grid,
     evaluate_exits,
@@ -102,6 +103,24 @@ def test_streaming_decisions_match_offline_exits():
         done[fire] = t
     assert torch.equal(done, offline)
     assert ExitPolicy.from_dict(policy.to_dict()).thresholds.tolist() == policy.thresholds.tolist()
+
+
+def test_the_numpy_decision_for_one_prediction_is_the_torch_one():
+    """``ExitPolicy.exits`` (one prediction, NumPy: the server's event loop) decides as ``should_exit``,
+    for both criteria, on random logits at thresholds set where the scores fall."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(200, 4, 6, generator=generator)
+    for criterion in CRITERIA:
+        scores = exit_scores(logits, criterion)
+        # Thresholds between the two middle scores of each step: half the samples exit at each step.
+        median = scores.quantile(0.5, dim=0)
+        policy = ExitPolicy(median if criterion == "confidence" else -median, criterion)
+        for t in range(5):  # past the last step too (clamped, as should_exit does)
+            step = logits[:, min(t, 3)]
+            want = policy.should_exit(step, t).tolist()
+            assert [policy.exits(row.numpy(), t) for row in step] == want
+            if t < 3:
+                assert 0 < sum(want) < len(want)
 
 
 def test_budget_selects_the_known_optimum():

@@ -1229,6 +1229,112 @@ def test_a_udp_reader_dozes_through_the_packets_it_leaves_out_and_misses_no_wind
     assert max(firsts[w][1] for w in range(3, frames // gop)) < 0.2
 
 
+def test_catch_up_skips_to_a_keyframe_near_the_live_edge_once_far_behind():
+    """Packets read late by more than ``max_lag_s`` (against the best arrival seen) are left out until a
+    keyframe at most half as late; the stretch is reported once it is over, from its first packet to
+    the keyframe decoding resumes at."""
+    from pipelines.serve.sources import ArrivalClock, CatchUp
+
+    clock, catch_up = ArrivalClock(), CatchUp(max_lag_s=2.0)
+    arrived = 100.0
+
+    def read(media: float, late: float, keyframe: bool = False) -> bool:
+        now = arrived + media + late
+        clock.packet(media, now)
+        return catch_up.behind(media, clock.lag(media, now), keyframe)
+
+    assert not any(read(i / 25, 0.01 * (i % 3), keyframe=i % 25 == 0) for i in range(50))  # live, jittery
+    assert not read(2.0, 1.9)  # behind, but within the limit
+    assert read(2.04, 2.5)  # too far behind: left out
+    assert catch_up.take_stretch() is None  # not over yet
+    assert read(2.08, 0.3)  # caught up, but nothing decodes before a keyframe
+    assert read(3.0, 1.5, keyframe=True)  # a keyframe still more than half the limit behind
+    assert not read(4.0, 0.9, keyframe=True)  # decoding resumes here
+    assert catch_up.take_stretch() == (pytest.approx(4.0 - 2.04), pytest.approx(2.5, abs=0.01))  # (clock drift)
+    assert catch_up.take_stretch() is None
+    assert (catch_up.episodes, catch_up.packets) == (1, 3)
+    # A connection that ends while behind reports what it skipped; a new media clock starts afresh.
+    assert read(4.04, 3.0)
+    assert catch_up.take_stretch(ended=True) == (0.0, pytest.approx(3.0, abs=0.01))
+    assert not catch_up.active
+    assert clock.packet(500.0, arrived + 600.0) is False and clock.lag(500.0, arrived + 600.0) == 0.0
+
+
+def test_a_udp_reader_that_falls_behind_its_source_skips_to_the_live_edge(tmp_path):
+    """A reader held up for 3 s (as by a CPU starved of cycles) finds 3 s of its live source waiting in
+    the receive buffer: it leaves that backlog undecoded, resumes at a keyframe near the live edge,
+    and reports the stretch it skipped; the frames it decodes after that are live again. With
+    ``max_lag_s`` 0 the same reader decodes the whole backlog, seconds late."""
+    import socket
+    import threading
+
+    from pipelines.serve.sources import KeyframeSkipper, SourceOptions, SourceReader, open_url, receive_buffer_bytes
+    from tests.videos import read_index, write_video
+
+    fps, gop, frames = 25, 25, 250  # a keyframe every second, 10 s
+    data = write_video(tmp_path / "camera.ts", frames, gop=gop, bframes=False, container_format="mpegts").read_bytes()
+    datagrams = [data[i:i + 1316] for i in range(0, len(data), 1316)]
+
+    def run(max_lag_s: float) -> tuple[SourceReader, list[tuple[int, float]], list[tuple]]:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        options = SourceOptions(url=f"udp://127.0.0.1:{port}")
+        sent_at: dict[int, float] = {}
+        delays: list[tuple[int, float]] = []  # (frame index, seconds after it was sent) of every frame decoded
+        stretches: list[tuple] = []
+        held = threading.Event()
+
+        def on_frame(frame) -> bool:  # noqa: ANN001
+            index = read_index(frame.frame.to_ndarray(format="rgb24"))
+            delays.append((index, time.monotonic() - sent_at.get(index, math.inf)))
+            if index >= 3 * gop and not held.is_set():
+                held.set()
+                time.sleep(3.0)  # starved: 3 s of the source pile up in the receive buffer
+            return True
+
+        reader = SourceReader(open_url(options), on_frame, lambda *a: None, name="camera", live=True,
+                              follow_clock=False, skipper=KeyframeSkipper(lambda: None),
+                              doze_buffer_bytes=receive_buffer_bytes(options), max_lag_s=max_lag_s,
+                              on_behind=lambda *stretch: stretches.append(stretch))
+        reader.start()
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            time.sleep(0.5)  # the reader binds its port
+            began = time.monotonic()
+            for k, datagram in enumerate(datagrams):
+                due = began + k * (frames / fps) / len(datagrams)
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                sender.sendto(datagram, ("127.0.0.1", port))
+                sent_at.setdefault(int(k * frames / len(datagrams)), time.monotonic())
+            time.sleep(1.0)
+        finally:
+            reader.stop()
+            reader.join(5)
+            sender.close()
+        return reader, delays, stretches
+
+    reader, delays, stretches = run(max_lag_s=1.0)
+    stats = reader.stats()
+    assert stats["catch_ups"] == 1 and stats["packets_behind"] >= 1
+    assert stats["decode_errors"] == 0
+    (skipped_s, behind_s, source_fps), = stretches
+    assert 2.0 <= skipped_s <= 4.5 and 1.0 < behind_s < 3.5 and source_fps == pytest.approx(fps)
+    indices = [index for index, _ in delays]
+    resumed = next(i for i, (a, b) in enumerate(zip(indices, indices[1:])) if b > a + 1) + 1
+    assert indices[resumed] % gop == 0  # decoding resumed at a keyframe...
+    assert indices[resumed] - indices[resumed - 1] >= 2 * gop  # ...seconds of the source later
+    assert max(delay for _, delay in delays[resumed:]) < 0.5  # and live again from there
+
+    reader, delays, stretches = run(max_lag_s=0.0)  # never skip: the backlog is decoded, late
+    assert reader.stats()["catch_ups"] == 0 and not stretches
+    indices = [index for index, _ in delays]
+    assert indices == list(range(indices[0], indices[0] + len(indices)))
+    assert max(delay for _, delay in delays) > 2.0
+
+
 def test_rate_meter_counts_events_reported_in_bulk():
     from pipelines.serve.stream import RateMeter
 

@@ -169,6 +169,13 @@ class ServeConfig:
     in FFmpeg's frame threads, several frames at once, so that one stream can need more than a core;
     smaller ones decode in their reader thread, which costs far less CPU per stream (see
     ``pipelines/serve/sources.py``). 0 = frame threads for every source."""
+    max_source_lag_s: float = 2.0
+    """A pulled live source's reader (``udp``, ``tcp``, ``rtp``, ``rtsp``, ``srt``, ``rtmp``: not files,
+    not HLS, whose segments arrive in bursts) that falls more than this far behind its source skips to
+    the live edge -- leaves the backlog undecoded up to a keyframe at most half as far behind -- rather
+    than decode stale frames; the stream counts the sampling slots skipped as dropped
+    (``behind_source``) and says so in a ``warning`` event (``sources.CatchUp``). 0 = never skip (also
+    for ``drop_policy`` ``block``)."""
 
     # -- fault tolerance -----------------------------------------------------------------------------------
     sync_interval_s: float = 1.0
@@ -203,6 +210,8 @@ class ServeConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_source_lag_s < 0:
+            raise ConfigError(f"max_source_lag_s must be >= 0, got {self.max_source_lag_s!r}")
         if self.frame_threads_min_pixels < 0:
             raise ConfigError(f"frame_threads_min_pixels must be >= 0, got {self.frame_threads_min_pixels!r}")
         if (self.overload_window_s < 0 or not 0 < self.overload_stream_share <= 1 or self.overload_loop_lag_ms <= 0

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
+import av
+import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -285,6 +287,11 @@ async def _relayed_sse(directory: DeploymentHandle, stream_id: str, after: int, 
             yield ": keep-alive\n\n"
 
 
+def _unusable_frame(message: str) -> np.ndarray:
+    """What a decoded frame that cannot be converted becomes: the stream counts it malformed."""
+    raise PayloadError("bad_frame", message)
+
+
 def _int(value: Any, default: int | None = None) -> int | None:
     if value is None or value == "":
         return default
@@ -342,6 +349,8 @@ class Ingress:
         from pipelines.serve.metrics import LoopLag, ServeMetrics
 
         self.metrics = ServeMetrics()
+        self._metrics_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+        self._metrics_job: Any = None
         self.loop_lag = LoopLag()
         self.overload = OverloadGuard(config.overload_window_s, config.overload_stream_share,
                                       config.overload_loop_lag_ms, config.overload_ramp_share)
@@ -469,7 +478,17 @@ class Ingress:
         passed = gate.check(frame.media_time, received)
         if passed is None:
             return True
-        self.loop.call_soon_threadsafe(self._offer_decoded, session, transform, frame, received, *passed)
+        # Converted here, in the reader thread, so the decoded picture is freed here too. Freeing an
+        # ``av.VideoFrame`` releases the GIL and takes it back (PyAV frees it ``nogil``); on the event
+        # loop that is one wait for the GIL per frame, behind every reader thread that wants it, and
+        # with 120 pulled streams per replica warming up at once the loop fell behind those waits and
+        # stopped answering for a minute (``py-spy``: the loop thread in the frame's dealloc, waiting
+        # for the GIL). It also spares the frame a trip through the frames pool.
+        try:
+            image: np.ndarray | Callable[[], np.ndarray] = transform(frame.frame)
+        except (av.error.FFmpegError, ValueError) as error:
+            image = partial(_unusable_frame, f"the decoded frame cannot be converted: {error}")
+        self.loop.call_soon_threadsafe(self._offer_decoded, session, image, frame.media_time, received, *passed)
         return True
 
     def _skipper(self, session: StreamSession, gate: FrameGate) -> KeyframeSkipper:
@@ -483,11 +502,15 @@ class Ingress:
         if frames:
             self.loop.call_soon_threadsafe(session.count_left_out, frames, media_time)
 
+    def _on_behind(self, session: StreamSession, seconds: float, behind_s: float, fps: float) -> None:
+        """Called in a reader thread for each stretch it skipped to catch up with its live source."""
+        self.loop.call_soon_threadsafe(session.count_behind, seconds, behind_s, fps)
+
     @staticmethod
-    def _offer_decoded(session: StreamSession, transform: FrameTransform, frame: SourceFrame,
+    def _offer_decoded(session: StreamSession, image: np.ndarray | Callable[[], np.ndarray], media_time: float | None,
                        received: float, skipped: int, previous_media: float | None) -> None:
-        session.offer(partial(transform, frame.frame), media_time=frame.media_time, received=received,
-                      skipped=skipped, previous_media=previous_media)
+        session.offer(image, media_time=media_time, received=received, skipped=skipped,
+                      previous_media=previous_media)
 
     def _on_source_status(self, session: StreamSession, gate: FrameGate, status: str, message: str,
                           attempt: int) -> None:
@@ -533,7 +556,10 @@ class Ingress:
                               reconnect_attempts=options.reconnect_attempts,
                               skipper=self._skipper(session, gate),
                               frame_threads_min_pixels=self.config.frame_threads_min_pixels,
-                              doze_buffer_bytes=receive_buffer_bytes(options))
+                              doze_buffer_bytes=receive_buffer_bytes(options),
+                              max_lag_s=(self.config.max_source_lag_s if options.real_time_transport
+                                         and session.settings.drop_policy != "block" else 0.0),
+                              on_behind=partial(self._on_behind, session))
         self.readers[session.id] = reader
         reader.start()
 
@@ -705,16 +731,29 @@ class Ingress:
                 except Exception:  # pragma: no cover - never let the relay die
                     logger.exception("relaying events failed")
 
+    def _publish_metrics(self, now: float) -> None:
+        """Read the metrics here, on the loop, and hand them to Ray in the metrics thread (see
+        ``ServeMetrics.record``); while the last second's are still being handed over, the counts wait
+        for the next second (counters are pushed as the difference since the last push)."""
+        job = self._metrics_job
+        if job is not None:
+            if not job.done():
+                return
+            if job.exception() is not None:
+                logger.warning("publishing metrics failed: %s", job.exception())
+        calls = self.metrics.collect(self.sessions.values(), self.loop_lag)
+        calls.append((self.metrics.overloaded.set, (1.0 if self.overload.reason(now) is not None else 0.0,)))
+        self._metrics_job = self._metrics_pool.submit(self.metrics.record, calls)
+
     async def _housekeeping_loop(self) -> None:
         """Once a second: metrics, idle eviction, forgetting ended streams."""
         while True:
             await asyncio.sleep(1.0)
             try:
                 now = time.monotonic()
-                self.metrics.publish(self.sessions.values(), self.loop_lag)
                 self.overload.observe(self.sessions.values(),
                                       self.loop_lag.recent_median_ms(self.config.overload_window_s), now)
-                self.metrics.overloaded.set(1.0 if self.overload.reason(now) is not None else 0.0)
+                self._publish_metrics(now)
                 for session in list(self.sessions.values()):
                     if now - session.last_activity > self.config.idle_timeout_s and not session.busy:
                         await self._evict(session)

@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -102,25 +102,29 @@ class ServeMetrics:
         self._published: dict[str, _Published] = {}
 
     def publish(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> None:
-        """Push every stream's counters and gauges (call about once a second)."""
+        """Push every stream's counters and gauges (call about once a second): :meth:`record` of
+        :meth:`collect`."""
+        self.record(self.collect(sessions, loop_lag))
+
+    def collect(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> list[tuple[Callable, tuple]]:
+        """What to push, read off the sessions where they live (the event loop: they are not
+        thread-safe), as calls for :meth:`record` to make."""
+        calls: list[tuple[Callable, tuple]] = []
         sessions = list(sessions)
-        self.active.set(float(len(sessions)))
+        calls.append((self.active.set, (float(len(sessions)),)))
         lag = loop_lag.summary() if loop_lag is not None else {}
         if lag.get("p50") is not None:
-            self.lag_p50.set(float(lag["p50"]))
-            self.lag_max.set(float(lag["max"]))
+            calls += [(self.lag_p50.set, (float(lag["p50"]),)), (self.lag_max.set, (float(lag["max"]),))]
         live = set()
         for s in sessions:
             live.add(s.id)
             tags = {"stream": s.id}
-            self.fps.set(float(s.fps_in.rate()), tags)
-            self.model_fps.set(float(s.fps_model.rate()), tags)
+            calls += [(self.fps.set, (float(s.fps_in.rate()), tags)),
+                      (self.model_fps.set, (float(s.fps_model.rate()), tags))]
             pct = s.latency_percentiles()
             if pct["p50"] is not None:
-                self.p50.set(float(pct["p50"]), tags)
-                self.p99.set(float(pct["p99"]), tags)
-            for value in s.new_latencies:
-                self.latency.observe(value)
+                calls += [(self.p50.set, (float(pct["p50"]), tags)), (self.p99.set, (float(pct["p99"]), tags))]
+            calls += [(self.latency.observe, (value,)) for value in s.new_latencies]
             s.new_latencies.clear()
             c = s.counters
             seen = self._published.setdefault(s.id, _Published()).counters
@@ -133,16 +137,24 @@ class ServeMetrics:
                     continue
                 seen[key] = value
                 if key.startswith("dropped:"):
-                    self.dropped.inc(delta, {"stream": s.id, "reason": key.split(":", 1)[1]})
+                    calls.append((self.dropped.inc, (delta, {"stream": s.id, "reason": key.split(":", 1)[1]})))
                 elif key == "retries":
-                    self.retries.inc(delta)
+                    calls.append((self.retries.inc, (delta,)))
                 else:
-                    getattr(self, key).inc(delta, tags)
+                    calls.append((getattr(self, key).inc, (delta, tags)))
         for gone in set(self._published) - live:
             # A stream that ended reads 0 fps rather than its last rate forever.
-            self.fps.set(0.0, {"stream": gone})
-            self.model_fps.set(0.0, {"stream": gone})
+            calls += [(self.fps.set, (0.0, {"stream": gone})), (self.model_fps.set, (0.0, {"stream": gone}))]
             del self._published[gone]
+        return calls
+
+    @staticmethod
+    def record(calls: list[tuple[Callable, tuple]]) -> None:
+        """Make the calls :meth:`collect` gathered -- in a worker thread, not on the event loop: each
+        enters Ray's C++ core, which lets go of the GIL and takes it back, and with a hundred streams
+        that is a thousand waits for the GIL a second, behind every decoding thread of the process."""
+        for call, args in calls:
+            call(*args)
 
 
 class RecognizerMetrics:

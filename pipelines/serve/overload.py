@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-STARVED_REASONS = ("queue_full", "decoder_backlog")
+STARVED_REASONS = ("queue_full", "decoder_backlog", "behind_source")
 """Drop reasons that mean the frame waited for compute (the others are the client's doing)."""
 
 

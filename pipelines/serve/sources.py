@@ -15,7 +15,9 @@ Push sources (MPEG-TS chunks over a WebSocket): the chunks go into a :class:`Chu
 file-like object the demuxer reads from, so chunk boundaries can fall anywhere.
 
 Both kinds leave undecoded the packets no wanted frame depends on (:class:`KeyframeSkipper`): after a
-window's early exit, the frames up to the last keyframe before the next window.
+window's early exit, the frames up to the last keyframe before the next window. A pulled live source's
+reader that falls far behind its source skips to the live edge instead of decoding the backlog
+(:class:`CatchUp`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class SourceOptions:
         if self.scheme in LIVE_SCHEMES:
             return True
         return self.scheme in ("http", "https") and ".m3u8" in self.url.lower()
+
+    @property
+    def real_time_transport(self) -> bool:
+        """A live source whose packets arrive as they are sent (not HLS: its segments come in bursts),
+        so how late a packet is read says how far behind its source the reader is."""
+        return self.scheme in LIVE_SCHEMES
 
     @property
     def follows_clock(self) -> bool:
@@ -230,6 +238,104 @@ class KeyframeSkipper:
         self.packets_left_out += 1
         return False
 
+    def pass_over(self, t: float, keyframe: bool) -> None:
+        """A packet :meth:`decode` passed that is left out all the same (:class:`CatchUp`): nothing
+        decodes cleanly before the next keyframe, so the packets up to it are left out here too."""
+        self.skipping, self.due = True, None
+
+
+class ArrivalClock:
+    """How far behind its live source a reader is, from the packets' timestamps and when they were read.
+
+    The smallest (wall - media time) seen is a packet read the moment it arrived, so ``wall = media time
+    + that offset`` predicts when a packet arrives; one read later than that waited in a buffer, and
+    the reader is that much behind its source. Used by one reader thread."""
+
+    DRIFT = 0.001
+    """The best offset seen is forgotten at this rate (s/s): the source's clock drifts against ours."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: arrival is measured afresh."""
+        self.offset: float | None = None
+        self.offset_at = 0.0
+        self.last_media: float | None = None
+
+    def packet(self, media_time: float, now: float) -> bool:
+        """Every packet read; False when its timestamp starts a new media clock (a reconnect, a loop, a
+        discontinuity), which is then measured afresh."""
+        last, self.last_media = self.last_media, media_time
+        same_clock = last is None or last - 1.0 <= media_time <= last + 5.0
+        if not same_clock:
+            self.offset = None
+        offset = now - media_time
+        if self.offset is None or offset < self.offset:
+            self.offset = offset
+        else:
+            self.offset += self.DRIFT * (now - self.offset_at)
+        self.offset_at = now
+        return same_clock
+
+    def lag(self, media_time: float, now: float) -> float:
+        """Seconds the packet of ``media_time``, read ``now``, waited after it arrived (0 if unknown)."""
+        return 0.0 if self.offset is None else (now - media_time) - self.offset
+
+
+class CatchUp:
+    """Skips a pulled live source's backlog instead of decoding it, once its reader is far behind.
+
+    A reader starved of CPU (a burst of new streams, each decoding every frame until it has learnt its
+    keyframe interval; a machine past its capacity) falls behind its source, the backlog waiting in the
+    receive buffer -- FFmpeg's UDP ring holds minutes of a low-bitrate camera. Reading on, it would
+    decode all of it, every prediction minutes late, and stay a runnable thread wanting the GIL and a
+    core until it had caught up: 240 pulled streams started at once on 2 cores kept their replicas'
+    event loops from running for up to 78 s. So a reader more than ``max_lag_s`` behind leaves packets
+    out, undecoded, until a keyframe at most half that behind: it reaches the live edge after
+    demuxing the backlog, not decoding it. Keyframes still teach the :class:`KeyframeSkipper` the
+    interval. Each stretch skipped is reported once it is over (the stream counts its sampling slots as
+    dropped, ``behind_source``). Used by one reader thread."""
+
+    def __init__(self, max_lag_s: float) -> None:
+        self.max_lag_s = max_lag_s
+        self.episodes = 0
+        self.packets = 0
+        """Packets left out to catch up, over all episodes (the skipper leaves out the rest of a
+        stretch: nothing decodes before its next keyframe)."""
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection or media clock: the stretch being skipped is over."""
+        self.active = False
+        self.first: float | None = None  # media time of the first packet of the stretch
+        self.last: float | None = None  # the last packet seen in it, or the keyframe that ended it
+        self.worst_lag = 0.0
+
+    def behind(self, media_time: float, lag: float, keyframe: bool) -> bool:
+        """Whether to leave this packet out to catch up (``lag``: :meth:`ArrivalClock.lag`)."""
+        if self.active and keyframe and lag <= self.max_lag_s / 2:
+            self.active, self.last = False, media_time  # the stretch ends where decoding resumes
+            return False
+        if not self.active:
+            if lag <= self.max_lag_s:
+                return False
+            self.active, self.episodes = True, self.episodes + 1
+            self.first, self.last, self.worst_lag = media_time, media_time, 0.0
+        self.last = max(self.last or media_time, media_time)
+        self.packets += 1
+        self.worst_lag = max(self.worst_lag, lag)
+        return True
+
+    def take_stretch(self, ended: bool = False) -> tuple[float, float] | None:
+        """The stretch skipped, once it is over (or ``ended``: the connection is): (media seconds, the
+        most the reader was behind); None if there is none to report."""
+        if (self.active and not ended) or self.first is None or self.last is None:
+            return None
+        stretch = (max(0.0, self.last - self.first), self.worst_lag)
+        self.reset()
+        return stretch
+
 
 class Dozer:
     """How long a live source's reader may sleep while it leaves packets out until a keyframe.
@@ -242,9 +348,7 @@ class Dozer:
     instead, until shortly before the keyframe is due, and what arrived meanwhile waits in the receive
     buffer to be read (and left out) in one go.
 
-    When the keyframe arrives is estimated from the packets seen: the smallest (wall - media time) is
-    a packet read the moment it arrived, so ``wall = media time + that offset`` predicts an arrival.
-    Dozing is safe only within what the buffer holds: at most ``BUFFER_SHARE`` of ``buffer_bytes`` at
+    When the keyframe arrives is estimated from the packets seen (:class:`ArrivalClock`). Dozing is safe only within what the buffer holds: at most ``BUFFER_SHARE`` of ``buffer_bytes`` at
     the stream's measured video bitrate (a quarter: audio and container overhead, bitrate peaks), and
     never while the reader is behind its source. Used by one reader thread.
     """
@@ -258,11 +362,10 @@ class Dozer:
     BUFFER_SHARE = 0.25
     RATE_SPAN_S = 2.0
     """Media time over which the bitrate is measured (no dozing before the first measurement)."""
-    DRIFT = 0.001
-    """The best offset seen is forgotten at this rate (s/s): the source's clock drifts against ours."""
 
     def __init__(self, buffer_bytes: int) -> None:
         self.buffer_bytes = buffer_bytes
+        self.arrival = ArrivalClock()
         self.dozed_s = 0.0
         self.asleep_since: float | None = None
         """When the nap in progress began (None: awake). What arrived since waits unread, uncounted."""
@@ -270,9 +373,10 @@ class Dozer:
 
     def reset(self) -> None:
         """A new connection (or media clock): arrival and bitrate are measured afresh."""
-        self.offset: float | None = None
-        self.offset_at = 0.0
-        self.last_media: float | None = None
+        self.arrival.reset()
+        self._reset_rate()
+
+    def _reset_rate(self) -> None:
         self.rate: float | None = None  # video bytes per media second
         self.span_start: float | None = None
         self.span_bytes = 0
@@ -280,16 +384,8 @@ class Dozer:
     def packet(self, media_time: float, size: int, now: float) -> None:
         """Every packet read (left out or not): its arrival and its size."""
         self.asleep_since = None
-        last, self.last_media = self.last_media, media_time
-        if last is not None and not last - 1.0 <= media_time <= last + 5.0:
-            self.reset()  # a new media clock: a reconnect, a loop, a discontinuity
-            self.last_media = media_time
-        offset = now - media_time
-        if self.offset is None or offset < self.offset:
-            self.offset = offset
-        else:
-            self.offset += self.DRIFT * (now - self.offset_at)
-        self.offset_at = now
+        if not self.arrival.packet(media_time, now):
+            self._reset_rate()  # a new media clock: a reconnect, a loop, a discontinuity
         if self.span_start is None:
             self.span_start, self.span_bytes = media_time, 0
         self.span_bytes += size
@@ -300,9 +396,9 @@ class Dozer:
     def nap(self, media_time: float, due: float, now: float) -> float:
         """Seconds to sleep after the packet of ``media_time`` (just passed to :meth:`packet`), when
         nothing is wanted before the keyframe at ``due``; 0 = read on."""
-        if self.offset is None or self.rate is None:
+        if self.arrival.offset is None or self.rate is None:
             return 0.0
-        lag = (now - media_time) - self.offset
+        lag = self.arrival.lag(media_time, now)
         if lag > self.MAX_LAG_S:
             return 0.0
         room = self.BUFFER_SHARE * self.buffer_bytes / max(self.rate, 1.0)
@@ -327,7 +423,8 @@ class SourceReader(threading.Thread):
                  reconnect_initial_s: float = 0.5, reconnect_max_s: float = 10.0, reconnect_attempts: int = 0,
                  reconnect: bool = True, exhausted: Callable[[], bool] | None = None,
                  skipper: KeyframeSkipper | None = None, frame_threads_min_pixels: int = 1280 * 720,
-                 doze_buffer_bytes: int = 0) -> None:
+                 doze_buffer_bytes: int = 0, max_lag_s: float = 0.0,
+                 on_behind: Callable[[float, float, float], None] | None = None) -> None:
         super().__init__(name=f"source-{name}", daemon=True)
         self._opener = opener
         self._on_frame = on_frame
@@ -348,6 +445,13 @@ class SourceReader(threading.Thread):
         """Sources at least this large decode in FFmpeg's frame threads, smaller ones in this thread."""
         self.dozer = Dozer(doze_buffer_bytes) if live and skipper is not None and doze_buffer_bytes > 0 else None
         """Sleeps through the packets left out after an exit (None: reads each as it arrives)."""
+        self.catch_up = CatchUp(max_lag_s) if live and skipper is not None and max_lag_s > 0 else None
+        """Skips to the live edge when the reader falls more than ``max_lag_s`` behind (None: never)."""
+        self.arrival = self.dozer.arrival if self.dozer is not None else ArrivalClock()
+        self._on_behind = on_behind
+        """Called (in this thread) with each stretch skipped to catch up: (media seconds, the most the
+        reader was behind, the source's frame rate)."""
+        self._fps = 25.0
         self._halt = threading.Event()
         self._clock: tuple[float, float] | None = None  # (wall, media) anchor for pacing files
         self.attempt_frames = 0
@@ -364,6 +468,8 @@ class SourceReader(threading.Thread):
         return {"frames_decoded": self.frames_decoded, "decode_errors": self.decode_errors,
                 "packets_left_out": self.skipper.packets_left_out if self.skipper is not None else 0,
                 "decoder_threads": self.decoder_threads,
+                "catch_ups": self.catch_up.episodes if self.catch_up is not None else 0,
+                "packets_behind": self.catch_up.packets if self.catch_up is not None else 0,
                 "dozed_s": round(self.dozer.dozed_s, 3) if self.dozer is not None else 0.0,
                 "dozing_s": round(self.dozer.asleep_for(time.monotonic()), 3) if self.dozer is not None else 0.0}
 
@@ -387,12 +493,14 @@ class SourceReader(threading.Thread):
             try:
                 self._read_once()
             except SourceError as error:
+                self._report_catch_up(ended=True)
                 self._on_status("failed", str(error), failures)
                 return
             except Exception as error:  # noqa: BLE001 - any FFmpeg/OS error of a source means: retry
                 error_message = _describe(error)
                 self.errors.append(error_message)
                 logger.info("source %s: %s", self.name, error_message)
+            self._report_catch_up(ended=True)
             if self._halt.is_set():
                 return
             if self.exhausted is not None and self.exhausted():
@@ -437,6 +545,7 @@ class SourceReader(threading.Thread):
                 raise SourceError(f"resolution {ctx.width}x{ctx.height} exceeds the limit of {self.max_pixels} pixels")
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 25.0
+            self._fps = fps
             size = f"{ctx.width}x{ctx.height}" if ctx.width else "size from the first keyframe"
             self._on_status("connected", f"{ctx.name} {size} @ {fps:.3g} fps", 0)
             self._clock = None  # a new connection starts a new media clock
@@ -445,9 +554,11 @@ class SourceReader(threading.Thread):
                 skipper.reset()
             undecodable = 0
             decoding = True  # False while packets are left out
-            dozer = self.dozer
+            dozer, arrival, catch_up = self.dozer, self.arrival, self.catch_up
             if dozer is not None:
                 dozer.reset()
+            else:
+                arrival.reset()
             self.decoder_threads = 0
             threads_chosen = False
             time_base = (stream.time_base.numerator, stream.time_base.denominator) if stream.time_base else None
@@ -457,9 +568,19 @@ class SourceReader(threading.Thread):
                 if skipper is not None and packet.pts is not None and time_base is not None:
                     reordered = bool(ctx.has_b_frames) or (packet.dts is not None and packet.dts != packet.pts)
                     packet_time = media_seconds(packet.pts, *time_base)
+                    now = time.monotonic()
                     if dozer is not None:
-                        dozer.packet(packet_time, packet.size, time.monotonic())
-                    if not skipper.decode(packet_time, packet.is_keyframe, reordered):
+                        dozer.packet(packet_time, packet.size, now)
+                    elif catch_up is not None:
+                        arrival.packet(packet_time, now)
+                    wanted = skipper.decode(packet_time, packet.is_keyframe, reordered)
+                    if (wanted and catch_up is not None
+                            and catch_up.behind(packet_time, arrival.lag(packet_time, now), packet.is_keyframe)):
+                        skipper.pass_over(packet_time, packet.is_keyframe)
+                        wanted = False
+                    elif wanted:
+                        self._report_catch_up()
+                    if not wanted:
                         if decoding and not self._drain(stream, fps):
                             return
                         decoding = False
@@ -514,6 +635,14 @@ class SourceReader(threading.Thread):
             # 3.9 (exits) and 7.1 ms/s (all) for the whole reader decoding in its own thread. They
             # also hold each frame back a few frames.
             stream.codec_context.thread_count = 1
+
+    def _report_catch_up(self, ended: bool = False) -> None:
+        """Hand over the stretch skipped to catch up, once it is over (or ``ended``: the connection)."""
+        if self.catch_up is None:
+            return
+        stretch = self.catch_up.take_stretch(ended=ended)
+        if stretch is not None and self._on_behind is not None:
+            self._on_behind(stretch[0], stretch[1], self._fps)
 
     def _drain(self, stream: Any, fps: float) -> bool:
         """Before packets are left out: hand over the frames the decoder still holds (frame threads

@@ -91,7 +91,9 @@ class Pending:
     stream_time: float
     pts: float | None  # the frame's own media timestamp (as the source/client gave it), if any
     received: float  # time.monotonic() when the frame arrived
-    produce: Callable[[], np.ndarray]  # -> uint8 [crop, crop, 3]; runs in a worker thread
+    produce: Callable[[], np.ndarray] | np.ndarray
+    """The model's input, uint8 [crop, crop, 3]: made already (decoded sources), or made by this
+    callable in a worker thread (pushed images)."""
     timing: dict[str, float] | None = None  # latency breakdown, filled in by the worker
 
 
@@ -308,6 +310,21 @@ class StreamSession:
         self.fps_in.tick(now, frames)
         self.last_activity = now
 
+    def count_behind(self, seconds: float, behind_s: float, source_fps: float) -> None:
+        """The source reader skipped ``seconds`` of its live source to catch up with it, having fallen
+        up to ``behind_s`` behind (:class:`~pipelines.serve.sources.CatchUp`). Its frames were counted as
+        received (left out); the sampling slots they held are counted as sampled and dropped for want
+        of compute (``behind_source``), whether or not their windows would have exited before them."""
+        interval = self.windower.spec.interval
+        slots = max(1, round(seconds / interval if interval > 0 else seconds * source_fps))
+        self.counters.frames_sampled += slots
+        self.counters.drop("behind_source", slots)
+        if not self.closed:
+            self.events.publish("warning", code="behind_source", skipped_s=round(seconds, 2),
+                                behind_s=round(behind_s, 2),
+                                message=f"the server fell {behind_s:.1f} s behind the source and skipped "
+                                        f"{seconds:.1f} s of it to catch up")
+
     # ------------------------------------------------------------------ budget
     @property
     def choice(self) -> ExitChoice:
@@ -329,12 +346,14 @@ class StreamSession:
             return self.clock(index / self.settings.fps)
         return self.arrival_clock(time.monotonic())
 
-    def offer(self, produce: Callable[[], np.ndarray], media_time: float | None = None,
+    def offer(self, produce: Callable[[], np.ndarray] | np.ndarray, media_time: float | None = None,
               received: float | None = None, *, skipped: int = 0, previous_media: float | None = None) -> bool:
         """A frame arrived; returns True if the model will see it (it was admitted and queued).
 
-        ``skipped``: frames a source reader left out just before this one (:class:`FrameGate`), counted
-        here; ``previous_media``: the media time of the frame just before this one, if it was left out."""
+        ``produce``: the model's input (:attr:`Pending.produce`), or what makes it once the model is to
+        see the frame; ``skipped``: frames a source reader left out just before this one
+        (:class:`FrameGate`), counted here; ``previous_media``: the media time of the frame just before
+        this one, if it was left out."""
         now = time.monotonic()
         received = now if received is None else received
         self.counters.frames_received += skipped
@@ -420,7 +439,8 @@ class StreamSession:
             return
         picked = time.monotonic()
         try:
-            image = await self.hub.run_blocking(item.produce)
+            produce = item.produce
+            image = produce if isinstance(produce, np.ndarray) else await self.hub.run_blocking(produce)
         except PayloadError as error:
             self.counters.drop("malformed")
             self.counters.errors += 1
@@ -518,7 +538,7 @@ class StreamSession:
         frames = self.settings.window.frames
         policy = choice.policy(frames)
         probs = softmax(result.logits)
-        exited = bool(policy.should_exit(_as_tensor(result.logits), step).item()) and self.window_steps < frames
+        exited = policy.exits(result.logits, step) and self.window_steps < frames
         final = exited or self.window_steps >= frames
         reason = ("exit" if exited else "frames") if final else None
         if final:
@@ -730,12 +750,6 @@ def _quantile(ordered: list[float], q: float) -> float:
     below = int(position)
     above = min(below + 1, len(ordered) - 1)
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
-
-
-def _as_tensor(logits: np.ndarray) -> Any:
-    import torch
-
-    return torch.tensor(np.asarray(logits, dtype=np.float32)).unsqueeze(0)
 
 
 def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int | None = None,
