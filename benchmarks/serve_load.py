@@ -637,6 +637,25 @@ def loop_lag(base_url: str) -> dict[str, Any]:
         return {}
 
 
+def admission_open(base_url: str, replicas: int, attempts: int = 20) -> bool:
+    """Whether every ingress replica admits new streams freely (not overloaded, not coming back from an
+    overload): ``GET /v1/info`` until each of ``replicas`` has answered (the proxy picks one per
+    request), or ``attempts`` answers."""
+    seen: set[str] = set()
+    for _ in range(attempts):
+        try:
+            info = HTTP.get(f"{base_url}/v1/info", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            return False
+        admission = info.get("admission") or {}
+        if admission.get("overloaded") or admission.get("ramping"):
+            return False
+        seen.add(info.get("replica", ""))
+        if len(seen) >= replicas:
+            return True
+    return True
+
+
 def _summaries(base_url: str) -> dict[str, dict]:
     return {s["stream_id"]: s for s in HTTP.get(f"{base_url}/v1/streams", timeout=30).json()["streams"]}
 
@@ -811,6 +830,7 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
     best: Trial | None = None
     low, high = 0, None
     n = args.start_streams
+    await settle(base_url, replicas=args.ingress_replicas)  # the previous search may have ended overloaded
     while True:
         tag = f"t{len(trials)}"
         if transport == "pull":
@@ -837,14 +857,16 @@ async def capacity(base_url: str, budget: str, transport: str, media: dict[str, 
             n = (low + high) // 2
             if n == low:
                 break
-        await settle(base_url)
+        await settle(base_url, replicas=args.ingress_replicas)
     return best
 
 
-async def settle(base_url: str, timeout: float = 90.0) -> None:
-    """Before the next trial: wait until the server has stopped every stream of the previous one and its
-    event loop is quiet again -- an overloaded trial (the API unresponsive) can leave streams and work
-    behind for a while, which the next trial would otherwise be charged with."""
+async def settle(base_url: str, timeout: float = 90.0, replicas: int = 1) -> None:
+    """Before the next trial: wait until the server has stopped every stream of the previous one, its
+    event loop is quiet again and admission control has reopened fully on every ingress replica -- an
+    overloaded trial can leave streams and work behind for a while, and a replica that refused
+    streams lets new ones in a few at a time for a while after; the next trial would otherwise be
+    charged with both."""
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
 
@@ -855,7 +877,9 @@ async def settle(base_url: str, timeout: float = 90.0) -> None:
             return False
         if any(s.get("status") in ("starting", "live", "connecting", "reconnecting", "disconnected") for s in streams):
             return False
-        return (loop_lag(base_url).get("p90") or 0.0) < 20.0
+        if (loop_lag(base_url).get("p90") or 0.0) >= 20.0:
+            return False
+        return admission_open(base_url, replicas)
 
     while time.monotonic() < deadline and not await loop.run_in_executor(None, quiet):
         await asyncio.sleep(1.0)
@@ -1149,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"capacity, {transport}, budget {budget}:")
                     out[(transport, budget)] = await capacity(base, budget, transport, media, args, trials)
             if transports:
-                await settle(base)
+                await settle(base, replicas=args.ingress_replicas)
                 paced_after = direct_latency(loaded, media["jpeg"], T,
                                              5 + int(args.latency_duration / args.sampling_interval),
                                              interval=args.sampling_interval, tick=1 / args.fps, trace=args.trace_model)

@@ -494,6 +494,7 @@ def test_overload_guard_lets_new_streams_back_in_a_few_at_a_time_after_an_overlo
     for _ in range(10):
         assert guard.reason(now=-10.0) is None
         guard.admitted(now=-10.0)
+    assert not guard.ramping(now=-10.0) and guard.describe(now=-10.0)["ramping"] is False
     # Overloaded at t=1 (the loop's lag: the signs seen by observe alone, no admission asked).
     guard.observe(streams, loop_lag_ms=150.0, now=1.0)
     guard.observe(streams, loop_lag_ms=1.0, now=2.0)
@@ -503,13 +504,14 @@ def test_overload_guard_lets_new_streams_back_in_a_few_at_a_time_after_an_overlo
         guard.admitted(now=2.5)
     why = guard.reason(now=2.6)
     assert why is not None and "admits at most 3 new streams every 5 s" in why
-    assert guard.describe(now=2.6)["overloaded"] is True
+    assert guard.describe(now=2.6)["overloaded"] is True and guard.describe(now=2.6)["ramping"] is True
     assert guard.reason(now=7.6) is None  # the three admitted at 2.5 aged out of the window
     guard.admitted(now=7.6)
     guard.admitted(now=7.6)
     guard.admitted(now=7.6)
     assert guard.reason(now=10.9) is not None  # still coming back (10 s after t=1)
     assert guard.reason(now=11.1) is None      # the ramp is over
+    assert not guard.ramping(now=11.1)
     # A replica with few streams still lets one in at a time.
     small = OverloadGuard(window_s=5.0)
     small.observe(streams[:3], loop_lag_ms=500.0, now=0.0)
@@ -1162,6 +1164,32 @@ def test_dozer_sleeps_until_shortly_before_the_keyframe_within_what_the_buffer_h
     assert dozer.nap(0.0, 1.0, arrival + 5.0) == 0.0
 
 
+def _feed_udp_reader(reader: threading.Thread, data: bytes, port: int, duration: float, sent_at: dict[int, float],
+                     frames: int) -> None:
+    """Start ``reader``, send it MPEG-TS ``data`` on loopback UDP in 1316-byte datagrams paced over
+    ``duration`` s of real time by byte share (``sent_at`` gets when each frame's first datagram left,
+    frame index by byte share too), let it read a second more, stop it."""
+    import socket
+
+    datagrams = [data[i:i + 1316] for i in range(0, len(data), 1316)]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reader.start()
+    try:
+        time.sleep(0.5)  # the reader binds its port
+        began = time.monotonic()
+        for k, datagram in enumerate(datagrams):
+            due = began + k * duration / len(datagrams)
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            sender.sendto(datagram, ("127.0.0.1", port))
+            sent_at.setdefault(int(k * frames / len(datagrams)), time.monotonic())
+        time.sleep(1.0)
+    finally:
+        reader.stop()
+        reader.join(5)
+        sender.close()
+
+
 def test_a_udp_reader_dozes_through_the_packets_it_leaves_out_and_misses_no_window(tmp_path):
     """After each window's 'exit' nothing is wanted until the next window's keyframe: the reader sleeps
     through that time (the receive buffer holds what arrives) instead of waking for every packet, and
@@ -1201,23 +1229,7 @@ def test_a_udp_reader_dozes_through_the_packets_it_leaves_out_and_misses_no_wind
     reader = SourceReader(open_url(options), on_frame, lambda *a: None, name="camera", live=True,
                           follow_clock=False, skipper=KeyframeSkipper(lambda: hint[0]),
                           doze_buffer_bytes=receive_buffer_bytes(options))
-    reader.start()
-    datagrams = [data[i:i + 1316] for i in range(0, len(data), 1316)]
-    # Which datagram completes each frame: sent in real time, frame by frame (by byte share).
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        time.sleep(0.5)  # the reader binds its port
-        began = time.monotonic()
-        for k, datagram in enumerate(datagrams):
-            due = began + k * (frames / fps) / len(datagrams)
-            if due > time.monotonic():
-                time.sleep(due - time.monotonic())
-            sender.sendto(datagram, ("127.0.0.1", port))
-            sent_at.setdefault(int(k * frames / len(datagrams)), time.monotonic())
-        time.sleep(0.5)
-    finally:
-        reader.stop()
-        sender.close()
+    _feed_udp_reader(reader, data, port, frames / fps, sent_at, frames)
     stats = reader.stats()
     assert stats["decode_errors"] == 0
     # From the third keyframe on (the interval is known) every window starts at its keyframe, and the
@@ -1266,14 +1278,12 @@ def test_a_udp_reader_that_falls_behind_its_source_skips_to_the_live_edge(tmp_pa
     and reports the stretch it skipped; the frames it decodes after that are live again. With
     ``max_lag_s`` 0 the same reader decodes the whole backlog, seconds late."""
     import socket
-    import threading
 
     from pipelines.serve.sources import KeyframeSkipper, SourceOptions, SourceReader, open_url, receive_buffer_bytes
     from tests.videos import read_index, write_video
 
     fps, gop, frames = 25, 25, 250  # a keyframe every second, 10 s
     data = write_video(tmp_path / "camera.ts", frames, gop=gop, bframes=False, container_format="mpegts").read_bytes()
-    datagrams = [data[i:i + 1316] for i in range(0, len(data), 1316)]
 
     def run(max_lag_s: float) -> tuple[SourceReader, list[tuple[int, float]], list[tuple]]:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -1298,22 +1308,7 @@ def test_a_udp_reader_that_falls_behind_its_source_skips_to_the_live_edge(tmp_pa
                               follow_clock=False, skipper=KeyframeSkipper(lambda: None),
                               doze_buffer_bytes=receive_buffer_bytes(options), max_lag_s=max_lag_s,
                               on_behind=lambda *stretch: stretches.append(stretch))
-        reader.start()
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            time.sleep(0.5)  # the reader binds its port
-            began = time.monotonic()
-            for k, datagram in enumerate(datagrams):
-                due = began + k * (frames / fps) / len(datagrams)
-                if due > time.monotonic():
-                    time.sleep(due - time.monotonic())
-                sender.sendto(datagram, ("127.0.0.1", port))
-                sent_at.setdefault(int(k * frames / len(datagrams)), time.monotonic())
-            time.sleep(1.0)
-        finally:
-            reader.stop()
-            reader.join(5)
-            sender.close()
+        _feed_udp_reader(reader, data, port, frames / fps, sent_at, frames)
         return reader, delays, stretches
 
     reader, delays, stretches = run(max_lag_s=1.0)

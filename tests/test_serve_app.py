@@ -993,7 +993,7 @@ def test_an_overloaded_replica_refuses_new_streams_and_serves_its_own(server, sh
 
 def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared_video_paths):
     """ingress_replicas=2: pulled streams spread over both replicas, and whichever replica a request
-    lands on answers for every stream -- its status, its server-sent events (relayed from the replica
+    lands on answers for every stream, from the moment it was created -- its status, its server-sent events (relayed from the replica
     serving it, in order, to the end), a change of budget and a deletion (202, carried out by the
     owner)."""
     from ray import serve
@@ -1030,6 +1030,10 @@ def test_ingress_replicas_share_streams_and_answer_for_each_other(server, shared
             reply = requests.post(f"{url}/v1/streams", headers=AUTH, timeout=30,
                                   json={"source": str(video), "stream_id": f"rep-{i}", "loop": True})
             assert reply.status_code == 201, reply.text
+            # Known to both replicas at once: the owner records a new stream in the directory before it
+            # answers (the next sync would be up to a tick later; until then the other one said 404).
+            location = f"{url}/v1/streams/rep-{i}"
+            assert [requests.get(location, headers=AUTH, timeout=30).status_code for _ in range(3)] == [200] * 3
             landed.append(reply.json()["owner"])
             if len(owners) >= 2 and landed[-1] in owners.values():
                 assert requests.delete(f"{url}/v1/streams/rep-{i}", headers=AUTH, timeout=30).status_code in (202, 204)

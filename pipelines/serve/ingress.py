@@ -618,6 +618,19 @@ class Ingress:
                 last_full = now
             await self._apply_directory(reply)
 
+    async def _record_now(self, session: StreamSession) -> None:
+        """Put a new stream's record in the directory before answering for it: the client's next request
+        (its events, at the ``Location`` just returned) may reach another replica, which knows the
+        stream only from the directory -- and the sync loop reports it only a tick later (it answered
+        404 to nearly every such request). On failure the sync loop reports it as usual."""
+        try:
+            reply = await asyncio.wait_for(self.directory.sync.remote(self.replica, [self._record(session)], []),
+                                           timeout=5)
+        except Exception as error:  # noqa: BLE001 - the directory is an optimisation for failover only
+            logger.warning("directory unavailable (%s); stream %s is recorded by the next sync", error, session.id)
+            return
+        await self._apply_directory(reply)
+
     async def _apply_directory(self, reply: dict[str, Any]) -> None:
         for stream_id in reply.get("delete", []):
             session = self.sessions.get(stream_id)
@@ -861,6 +874,7 @@ class Ingress:
         except BudgetError as error:
             raise HTTPException(422, str(error)) from None
         self._start_reader(session, options)
+        await self._record_now(session)
         response.headers["Location"] = f"{self.config.route_prefix.rstrip('/')}/v1/streams/{stream_id}"
         return self._summary(session)
 

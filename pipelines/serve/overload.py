@@ -106,7 +106,7 @@ class OverloadGuard:
         if why is not None:
             self._signs_at = now
             return why
-        if now - self._signs_at <= 2 * self.window_s:
+        if self.ramping(now):
             allowance = self.ramp_allowance()
             if self._recently_admitted(now) >= allowance:
                 return (f"it is coming back from an overload and admits at most {allowance} new streams every "
@@ -141,9 +141,15 @@ class OverloadGuard:
         """What to tell a refused client: the time it takes the signs to clear."""
         return max(1, math.ceil(self.window_s))
 
+    def ramping(self, now: float | None = None) -> bool:
+        """Whether new streams are let in only a few at a time (coming back from an overload)."""
+        now = time.monotonic() if now is None else now
+        return self.enabled and now - self._signs_at <= 2 * self.window_s
+
     def describe(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
         why = self.reason(now)
-        return {"overloaded": why is not None, "reason": why,
+        return {"overloaded": why is not None, "reason": why, "ramping": self.ramping(now),
                 "starved_streams": self.starved_streams(now), "streams": self._streams,
                 "loop_lag_p50_ms": self._loop_lag_ms,
                 "limits": {"window_s": self.window_s, "stream_share": self.stream_share,

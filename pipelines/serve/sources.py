@@ -238,7 +238,7 @@ class KeyframeSkipper:
         self.packets_left_out += 1
         return False
 
-    def pass_over(self, t: float, keyframe: bool) -> None:
+    def pass_over(self) -> None:
         """A packet :meth:`decode` passed that is left out all the same (:class:`CatchUp`): nothing
         decodes cleanly before the next keyframe, so the packets up to it are left out here too."""
         self.skipping, self.due = True, None
@@ -301,8 +301,7 @@ class CatchUp:
         self.max_lag_s = max_lag_s
         self.episodes = 0
         self.packets = 0
-        """Packets left out to catch up, over all episodes (the skipper leaves out the rest of a
-        stretch: nothing decodes before its next keyframe)."""
+        """Packets left out while catching up, over all episodes."""
         self.reset()
 
     def reset(self) -> None:
@@ -321,11 +320,16 @@ class CatchUp:
             if lag <= self.max_lag_s:
                 return False
             self.active, self.episodes = True, self.episodes + 1
-            self.first, self.last, self.worst_lag = media_time, media_time, 0.0
-        self.last = max(self.last or media_time, media_time)
-        self.packets += 1
+            self.first, self.worst_lag = media_time, 0.0
         self.worst_lag = max(self.worst_lag, lag)
+        self.left_out(media_time)
         return True
+
+    def left_out(self, media_time: float) -> None:
+        """A packet of the stretch (left out here, or by the skipper: after a packet left out nothing
+        decodes before the next keyframe, so only keyframes come to :meth:`behind` meanwhile)."""
+        self.last = media_time
+        self.packets += 1
 
     def take_stretch(self, ended: bool = False) -> tuple[float, float] | None:
         """The stretch skipped, once it is over (or ``ended``: the connection is): (media seconds, the
@@ -348,8 +352,9 @@ class Dozer:
     instead, until shortly before the keyframe is due, and what arrived meanwhile waits in the receive
     buffer to be read (and left out) in one go.
 
-    When the keyframe arrives is estimated from the packets seen (:class:`ArrivalClock`). Dozing is safe only within what the buffer holds: at most ``BUFFER_SHARE`` of ``buffer_bytes`` at
-    the stream's measured video bitrate (a quarter: audio and container overhead, bitrate peaks), and
+    When the keyframe arrives is estimated from the packets seen (:class:`ArrivalClock`). Dozing is
+    safe only within what the buffer holds: at most ``BUFFER_SHARE`` of ``buffer_bytes`` at the
+    stream's measured video bitrate (a quarter: audio and container overhead, bitrate peaks), and
     never while the reader is behind its source. Used by one reader thread.
     """
 
@@ -574,12 +579,14 @@ class SourceReader(threading.Thread):
                     elif catch_up is not None:
                         arrival.packet(packet_time, now)
                     wanted = skipper.decode(packet_time, packet.is_keyframe, reordered)
-                    if (wanted and catch_up is not None
-                            and catch_up.behind(packet_time, arrival.lag(packet_time, now), packet.is_keyframe)):
-                        skipper.pass_over(packet_time, packet.is_keyframe)
-                        wanted = False
-                    elif wanted:
-                        self._report_catch_up()
+                    if catch_up is not None:
+                        if wanted and catch_up.behind(packet_time, arrival.lag(packet_time, now), packet.is_keyframe):
+                            skipper.pass_over()
+                            wanted = False
+                        elif catch_up.active:
+                            catch_up.left_out(packet_time)
+                        elif wanted:
+                            self._report_catch_up()
                     if not wanted:
                         if decoding and not self._drain(stream, fps):
                             return
