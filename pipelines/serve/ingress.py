@@ -604,34 +604,37 @@ class Ingress:
             records = [self._record(self.sessions[s]) for s in ids]
             if removed and self._relays:
                 await self._relay_once()  # a watched stream's last events before its record goes
-            try:
-                reply = await asyncio.wait_for(self.directory.sync.remote(self.replica, records, removed),
-                                               timeout=max(5.0, interval * 3))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - retried on the next tick
-                logger.warning("directory sync failed (%s); retrying", error)
+            if not await self._report(records, removed):  # retried on the next tick
                 self._dirty.update(ids)
                 self._removed.update(removed)
                 continue
             if full:
                 last_full = now
-            await self._apply_directory(reply)
+
+    async def _report(self, records: list[dict[str, Any]], removed: list[str], adopt_orphans: bool = True) -> bool:
+        """Report streams to the directory and act on its reply; False if it could not be reached.
+        Orphans are adopted by the sync loop alone (``adopt_orphans``): two adoptions of one orphan
+        running at once would both start it."""
+        try:
+            reply = await asyncio.wait_for(self.directory.sync.remote(self.replica, records, removed),
+                                           timeout=max(5.0, self.config.sync_interval_s * 3))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the directory is an optimisation for failover only
+            logger.warning("directory sync failed (%s)", error)
+            return False
+        await self._apply_directory(reply, adopt_orphans)
+        return True
 
     async def _record_now(self, session: StreamSession) -> None:
         """Put a new stream's record in the directory before answering for it: the client's next request
         (its events, at the ``Location`` just returned) may reach another replica, which knows the
         stream only from the directory -- and the sync loop reports it only a tick later (it answered
-        404 to nearly every such request). On failure the sync loop reports it as usual."""
-        try:
-            reply = await asyncio.wait_for(self.directory.sync.remote(self.replica, [self._record(session)], []),
-                                           timeout=5)
-        except Exception as error:  # noqa: BLE001 - the directory is an optimisation for failover only
-            logger.warning("directory unavailable (%s); stream %s is recorded by the next sync", error, session.id)
-            return
-        await self._apply_directory(reply)
+        404 to nearly every such request). On failure the sync loop reports it as usual (it is marked
+        changed)."""
+        await self._report([self._record(session)], [], adopt_orphans=False)
 
-    async def _apply_directory(self, reply: dict[str, Any]) -> None:
+    async def _apply_directory(self, reply: dict[str, Any], adopt_orphans: bool = True) -> None:
         for stream_id in reply.get("delete", []):
             session = self.sessions.get(stream_id)
             if session is not None:
@@ -660,7 +663,7 @@ class Ingress:
                     self._set_default(self.catalog.resolve(budget), publish=True)
             except BudgetError:
                 pass
-        for record in reply.get("orphans", []):
+        for record in reply.get("orphans", []) if adopt_orphans else []:
             if (record["stream_id"] in self.sessions or len(self.sessions) >= self.config.max_streams
                     or self.overload.reason() is not None):  # a less loaded replica may take it
                 continue

@@ -585,8 +585,8 @@ class SourceReader(threading.Thread):
                             wanted = False
                         elif catch_up.active:
                             catch_up.left_out(packet_time)
-                        elif wanted:
-                            self._report_catch_up()
+                        elif catch_up.first is not None:
+                            self._report_catch_up()  # the stretch ended at this packet
                     if not wanted:
                         if decoding and not self._drain(stream, fps):
                             return
