@@ -15,8 +15,9 @@ Replica-wide: ``adastream_frame_latency_ms`` (histogram, for p50/p99 with ``hist
 ``adastream_event_loop_lag_p50_ms`` and ``..._max_ms`` (:class:`LoopLag`); on the recognizer
 ``adastream_batch_size`` (histogram) and ``adastream_batch_latency_ms``.
 
-Streams update plain counters as they go; :meth:`ServeMetrics.publish` turns them into metric updates
-once a second (deltas for counters), so the per-frame path never touches the metrics recorder.
+Streams update plain counters as they go; once a second :meth:`ServeMetrics.collect` turns them into
+metric updates (deltas for counters) on the event loop and :meth:`ServeMetrics.record` hands those to
+Ray in another thread, so neither the per-frame path nor the loop touches the metrics recorder.
 """
 
 from __future__ import annotations
@@ -101,14 +102,9 @@ class ServeMetrics:
                                ("reason",))
         self._published: dict[str, _Published] = {}
 
-    def publish(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> None:
-        """Push every stream's counters and gauges (call about once a second): :meth:`record` of
-        :meth:`collect`."""
-        self.record(self.collect(sessions, loop_lag))
-
     def collect(self, sessions: Iterable[Any], loop_lag: LoopLag | None = None) -> list[tuple[Callable, tuple]]:
-        """What to push, read off the sessions where they live (the event loop: they are not
-        thread-safe), as calls for :meth:`record` to make."""
+        """Every stream's counters and gauges to push (call about once a second), read off the sessions
+        where they live (the event loop: they are not thread-safe), as calls for :meth:`record` to make."""
         calls: list[tuple[Callable, tuple]] = []
         sessions = list(sessions)
         calls.append((self.active.set, (float(len(sessions)),)))
