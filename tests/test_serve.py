@@ -846,13 +846,14 @@ def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_mode
         gate, offered = FrameGate(session), 0
         for i in range(150):  # 6 s of a 25 fps source whose clock starts at 7 s and restarts after 4 s
             media = 7.0 + (i % 100) / 25  # (a looping file; the frames before the restart are left out)
-            passed = gate.check(media, now=i / 25) if gated else (0, None)
+            passed = gate.check(media, now=i / 25) if gated else (0, None, None)
             if passed is None:
                 continue
             offered += 1
             session.offer(lambda: np.zeros((8, 8, 3), np.uint8), media_time=media, skipped=passed[0],
-                          previous_media=passed[1])
+                          previous_media=passed[1], handover=passed[2])
             await session.drain(5)
+            assert gate.awaited() is None  # every frame's decision is in once the stream is done with it
         session.counters.frames_received += gate.flush()
         events = [json.loads(e.data) for e in session.events.ring]
         await session.close("test")
@@ -876,18 +877,22 @@ def test_a_source_reader_leaves_out_unused_frames_without_changing_what_the_mode
         skip_hint = (10.0, 10.5)
 
     gate = FrameGate(_Session())  # type: ignore[arg-type]
-    assert gate.check(10.2, now=0.0) == (0, None)  # the first frame is the heartbeat
+    assert gate.check(10.2, now=0.0) == (0, None, None)  # the first frame is the heartbeat: no decision awaited
     assert gate.check(10.24, now=0.04) is None and gate.check(10.28, now=0.08) is None
-    assert gate.check(3.0, now=0.12) == (2, 10.28)  # went backwards: through, with the count
-    assert gate.check(None, now=0.16) == (0, None)
+    assert gate.awaited() is None
+    passed = gate.check(3.0, now=0.12)  # went backwards: through, with the count
+    assert passed[:2] == (2, 10.28) and gate.awaited() is passed[2] is not None
+    passed[2].decided = True
+    assert gate.awaited() is None
+    assert gate.check(None, now=0.16)[:2] == (0, None)
     assert gate.check(10.3, now=0.2) is None
-    assert gate.check(10.5, now=0.24) == (1, 10.3)  # wanted from here on
+    assert gate.check(10.5, now=0.24)[:2] == (1, 10.3)  # wanted from here on
     assert gate.check(10.3, now=0.28) is None and gate.flush() == 1
 
     # Packets left undecoded (KeyframeSkipper) let no frame through: their count comes out on its own,
     # once per heartbeat.
     gate = FrameGate(_Session())  # type: ignore[arg-type]
-    assert gate.check(10.2, now=1.0) == (0, None)
+    assert gate.check(10.2, now=1.0) == (0, None, None)
     counts = [gate.leave_out(10.2 + k * 0.04, now=1.0 + k * 0.04) for k in range(1, 16)]
     assert counts == [0] * 12 + [13, 0, 0] and gate.flush() == 2
     # ... and once per heartbeat of media time: a reader that dozed reads a backlog of them at once,
@@ -949,6 +954,111 @@ def test_keyframe_skipper_leaves_out_only_packets_no_wanted_frame_needs(tmp_path
     # from 100 on (a frame or two later, the decoder's delay in reporting frame 100) up to 139.
     assert left_out[:28] == list(range(56, 84))
     assert set(range(112, 140)) <= set(left_out[28:]) <= set(range(101, 140))
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_a_reader_holds_packets_undecoded_until_its_stream_decides(tmp_path, exits):
+    """A frame handed over awaits its stream's decision (the exit rule's, on the event loop). Meanwhile
+    the reader holds the packets that follow undecoded: after an exit the skipper then leaves them out,
+    where a reader that decodes ahead decodes every frame up to the late decision; without an exit they
+    are decoded after it, in order. A decision that does not come within ``hold_max_s`` of media time
+    is not waited for longer."""
+    from pipelines.serve.sources import KeyframeSkipper, SourceReader
+    from tests.videos import read_index, write_video
+
+    # 1 s windows of 4 slots over 25 fps, a keyframe every 25 frames: the windows start on keyframes.
+    path = write_video(tmp_path / "camera.ts", 150, gop=25, bframes=False, container_format="mpegts")
+    with av.open(str(path)) as probe:
+        start = float(probe.streams.video[0].start_time * probe.streams.video[0].time_base)
+    # Packets read between handing a frame over and its decision: late, but within the 6-7 frames
+    # between two slots (if every decision came after the next slot, the stream could not keep up with
+    # or without holding: its worker steps one frame at a time).
+    late = 8 if exits else 5
+    slots = (0,) if exits else (0, 7, 13, 19)  # a window's frames at or after 0 (0.25, 0.5, 0.75) s
+
+    def play(hold_s: float, never_decide: int | None = None) -> tuple[list[int], list[int], dict]:
+        hint: list = [None]
+        used: list[int] = []  # the frames the windows used
+        decoded: list[int] = []
+        left_out: list[int] = []
+        reads = [0]
+        pending: list = []  # [(decision, due at this many packets read, the hint it brings)]
+
+        class Decision:
+            decided = False
+
+        def on_frame(frame) -> bool:  # noqa: ANN001 - plays the stream: its gate, windows and exit rule
+            index = read_index(frame.frame.to_ndarray(format="rgb24"))
+            decoded.append(index)
+            assert frame.received is not None and frame.received <= time.monotonic()
+            if hint[0] is not None and hint[0][0] < frame.media_time < hint[0][1]:
+                return True  # the gate leaves it out
+            decision = Decision()
+            gate.append(decision)
+            if index % 25 not in slots:  # through on a stale hint (or after the exit): not used
+                decision.decided = True
+                return True
+            used.append(index)
+            wanted = start + (index // 25 + 1) if exits else start + (index // 25 + slots.index(index % 25) / 4 + 0.25)
+            pending.append((decision, reads[0] + (10**9 if index == never_decide else late),
+                            (frame.media_time, wanted)))  # the step's result: which frames it wants next
+            return True
+
+        def decide() -> None:  # the step's result comes in while this packet is read
+            reads[0] += 1
+            for decision, due, new_hint in list(pending):
+                if due <= reads[0]:
+                    hint[0], decision.decided = new_hint, True
+                    pending.remove((decision, due, new_hint))
+
+        class Counting:  # the container, counting the packets read
+            def __init__(self) -> None:
+                self.container = av.open(str(path))
+                self.streams = self.container.streams
+
+            def __enter__(self):  # noqa: ANN204
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.container.close()
+
+            def demux(self, stream):  # noqa: ANN001, ANN202
+                for packet in self.container.demux(stream):
+                    decide()
+                    yield packet
+
+        gate: list = []
+        skipper = KeyframeSkipper(lambda: hint[0], lambda t: left_out.append(round((t - start) * 25)))
+        reader = SourceReader(Counting, on_frame, lambda *a: None, name="camera", live=False, follow_clock=False,
+                              reconnect=False, skipper=skipper,
+                              awaited_decision=lambda: gate[-1] if gate and not gate[-1].decided else None,
+                              hold_max_s=hold_s)
+        reader.run()
+        assert sorted(decoded + left_out) == list(range(150)) and decoded == sorted(decoded)
+        return used, decoded, reader.stats()
+
+    used, decoded, stats = play(hold_s=1.0)
+    ahead_used, ahead_decoded, ahead_stats = play(hold_s=0.0)
+    assert used == ahead_used  # the same frames for the model either way
+    assert ahead_stats["packets_held"] == 0
+    if exits:
+        assert used == [0, 25, 50, 75, 100, 125]
+        # The interval is known at the third keyframe (frame 50): from there on, held, only the
+        # windows' first frames decode; decoding ahead, the frames up to each late decision too.
+        assert [i for i in decoded if i >= 50] == [50, 75, 100, 125]
+        assert [i for i in ahead_decoded if i >= 50] == [i for w in (50, 75, 100, 125) for i in range(w, w + late)]
+        assert stats["packets_held"] == len(used) * (late - 1) and stats["holds_expired"] == 0
+    else:
+        assert used == [i for i in range(150) if i % 25 in slots]
+        # Decoded after each decision, in order. After a window's last slot (frame 19 of 25) nothing is
+        # wanted before the next window's keyframe: held, frames 20-24 are left out; decoding ahead,
+        # only those after the late decision.
+        assert decoded == [i for i in range(150) if i < 50 or i % 25 < 20]
+        assert ahead_decoded == [i for i in range(150) if i < 50 or i % 25 < 19 + late]
+        assert stats["packets_held"] >= len(used) and stats["holds_expired"] == 0
+        # A decision that never comes holds the reader for hold_max_s of media time, not for ever.
+        used, decoded, stats = play(hold_s=0.4, never_decide=50)
+        assert decoded[:70] == list(range(70)) and stats["holds_expired"] == 1
 
 
 def test_source_reader_decodes_small_pictures_in_its_own_thread_and_large_ones_in_frame_threads(tmp_path):

@@ -469,7 +469,8 @@ def test_pull_mpegts_over_udp_and_tcp_with_reconnect(server, shared_video_paths)
         status = server.get("/v1/streams/tcp-cam").json()
         assert status["counters"]["steps"] > 0 and status["fps_in"] > 5
         assert set(status["decoder"]) == {"frames_decoded", "packets_left_out", "decode_errors", "decoder_threads",
-                                          "catch_ups", "packets_behind", "dozed_s", "dozing_s"}
+                                          "catch_ups", "packets_behind", "dozed_s", "dozing_s",
+                                          "packets_held", "holds_expired"}
         assert status["decoder"]["frames_decoded"] > 0
         assert status["decoder"]["decoder_threads"] == 1  # a small picture decodes in its reader thread
         for name in ("udp-cam", "tcp-cam"):

@@ -176,6 +176,11 @@ class ServeConfig:
     than decode stale frames; the stream counts the sampling slots skipped as dropped
     (``behind_source``) and says so in a ``warning`` event (``sources.CatchUp``). 0 = never skip (also
     for ``drop_policy`` ``block``)."""
+    hold_for_decision_s: float = 1.0
+    """After a source's reader hands a frame to its stream it holds the packets that follow, undecoded,
+    until the stream has decided which frames it wants next (the frame's exit decision), at most this
+    long in media time: after an exit they are then left out, where a reader that decoded ahead would
+    have decoded every frame up to the late decision (``sources.SourceReader``). 0 = decode ahead."""
 
     # -- fault tolerance -----------------------------------------------------------------------------------
     sync_interval_s: float = 1.0
@@ -210,8 +215,9 @@ class ServeConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_source_lag_s < 0:
-            raise ConfigError(f"max_source_lag_s must be >= 0, got {self.max_source_lag_s!r}")
+        for name in ("max_source_lag_s", "hold_for_decision_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.frame_threads_min_pixels < 0:
             raise ConfigError(f"frame_threads_min_pixels must be >= 0, got {self.frame_threads_min_pixels!r}")
         if (self.overload_window_s < 0 or not 0 < self.overload_stream_share <= 1 or self.overload_loop_lag_ms <= 0

@@ -61,7 +61,7 @@ from pipelines.serve.frames import (MPEGTS, FrameTransform, ImageDecoder, Payloa
 from pipelines.serve.overload import OverloadGuard
 from pipelines.serve.sources import (ChunkPipe, KeyframeSkipper, SourceFrame, SourceOptions, SourceReader,
                                      open_pipe, open_url, receive_buffer_bytes)
-from pipelines.serve.stream import PULL, PUSH, FrameGate, StreamSession, TokenBucket, parse_settings
+from pipelines.serve.stream import PULL, PUSH, FrameGate, Handover, StreamSession, TokenBucket, parse_settings
 
 logger = logging.getLogger("ray.serve")
 
@@ -474,10 +474,11 @@ class Ingress:
             return True
         if session.settings.drop_policy == "block" and not session.has_room():
             return False  # the reader waits and offers this frame again
-        received = time.monotonic()
-        passed = gate.check(frame.media_time, received)
+        now = time.monotonic()
+        passed = gate.check(frame.media_time, now)
         if passed is None:
             return True
+        received = frame.received if frame.received is not None else now
         # Converted here, in the reader thread, so the decoded picture is freed here too. Freeing an
         # ``av.VideoFrame`` releases the GIL and takes it back (PyAV frees it ``nogil``); on the event
         # loop that is one wait for the GIL per frame, behind every reader thread that wants it, and
@@ -508,9 +509,10 @@ class Ingress:
 
     @staticmethod
     def _offer_decoded(session: StreamSession, image: np.ndarray | Callable[[], np.ndarray], media_time: float | None,
-                       received: float, skipped: int, previous_media: float | None) -> None:
+                       received: float, skipped: int, previous_media: float | None,
+                       handover: Handover | None) -> None:
         session.offer(image, media_time=media_time, received=received, skipped=skipped,
-                      previous_media=previous_media)
+                      previous_media=previous_media, handover=handover)
 
     def _on_source_status(self, session: StreamSession, gate: FrameGate, status: str, message: str,
                           attempt: int) -> None:
@@ -559,7 +561,8 @@ class Ingress:
                               doze_buffer_bytes=receive_buffer_bytes(options),
                               max_lag_s=(self.config.max_source_lag_s if options.real_time_transport
                                          and session.settings.drop_policy != "block" else 0.0),
-                              on_behind=partial(self._on_behind, session))
+                              on_behind=partial(self._on_behind, session),
+                              awaited_decision=gate.awaited, hold_max_s=self.config.hold_for_decision_s)
         self.readers[session.id] = reader
         reader.start()
 
@@ -1211,7 +1214,8 @@ class Ingress:
                                           live=True, follow_clock=False, max_pixels=self.config.max_pixels,
                                           reconnect_initial_s=0.0, reconnect_max_s=0.0, reconnect_attempts=20,
                                           exhausted=lambda: pipe.exhausted, skipper=self._skipper(session, gate),
-                                          frame_threads_min_pixels=self.config.frame_threads_min_pixels)
+                                          frame_threads_min_pixels=self.config.frame_threads_min_pixels,
+                                          awaited_decision=gate.awaited, hold_max_s=self.config.hold_for_decision_s)
             channel.reader.start()
         if not channel.pipe.feed(body):
             session.counters.drop("decoder_backlog")

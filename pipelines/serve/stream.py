@@ -95,6 +95,8 @@ class Pending:
     """The model's input, uint8 [crop, crop, 3]: made already (decoded sources), or made by this
     callable in a worker thread (pushed images)."""
     timing: dict[str, float] | None = None  # latency breakdown, filled in by the worker
+    handover: "Handover | None" = None
+    """The source reader's token for this frame, decided once the worker is done with it."""
 
 
 @dataclass
@@ -347,13 +349,22 @@ class StreamSession:
         return self.arrival_clock(time.monotonic())
 
     def offer(self, produce: Callable[[], np.ndarray] | np.ndarray, media_time: float | None = None,
-              received: float | None = None, *, skipped: int = 0, previous_media: float | None = None) -> bool:
+              received: float | None = None, *, skipped: int = 0, previous_media: float | None = None,
+              handover: "Handover | None" = None) -> bool:
         """A frame arrived; returns True if the model will see it (it was admitted and queued).
 
         ``produce``: the model's input (:attr:`Pending.produce`), or what makes it once the model is to
         see the frame; ``skipped``: frames a source reader left out just before this one
         (:class:`FrameGate`), counted here; ``previous_media``: the media time of the frame just before
-        this one, if it was left out."""
+        this one, if it was left out; ``handover``: the reader's token for this frame, decided once the
+        stream knows which frames it wants after it (at once, unless the frame is queued)."""
+        queued = self._offer(produce, media_time, received, skipped, previous_media, handover)
+        if not queued and handover is not None:
+            handover.decided = True
+        return queued
+
+    def _offer(self, produce: Callable[[], np.ndarray] | np.ndarray, media_time: float | None, received: float | None,
+               skipped: int, previous_media: float | None, handover: "Handover | None") -> bool:
         now = time.monotonic()
         received = now if received is None else received
         self.counters.frames_received += skipped
@@ -382,9 +393,12 @@ class StreamSession:
             if self.settings.drop_policy == "drop_newest":
                 self.counters.drop("queue_full")
                 return False
-            self.pending.popleft()  # drop_oldest: stay live
+            dropped = self.pending.popleft()  # drop_oldest: stay live
             self.counters.drop("queue_full")
-        self.pending.append(Pending(admission.window, admission.slot, index, t, media_time, received, produce))
+            if dropped.handover is not None:
+                dropped.handover.decided = True
+        self.pending.append(Pending(admission.window, admission.slot, index, t, media_time, received, produce,
+                                    handover=handover))
         self._drained.clear()
         if len(self.pending) >= self.settings.queue_frames:
             self._room.clear()
@@ -423,6 +437,8 @@ class StreamSession:
                 finally:
                     self._in_step = False
                     self.last_activity = time.monotonic()
+                    if item.handover is not None:
+                        item.handover.decided = True  # after the skip hint took in the step's result
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug; keep the replica serving the other streams
@@ -623,6 +639,9 @@ class StreamSession:
                                self.WORKER_STOP_S)
         except asyncio.CancelledError:
             interrupted = True  # whoever closes went away (a DELETE's client): close all the same, then say so
+        for item in self.pending:
+            if item.handover is not None:
+                item.handover.decided = True
         self._end_window("end")
         if self.status not in ("failed",):
             self.status = status
@@ -677,6 +696,19 @@ class StreamSession:
                 "latency_ms": self.latency_percentiles(), "fps_in": round(self.fps_in.rate(time.monotonic()), 2)}
 
 
+class Handover:
+    """A frame a source reader handed to its stream (:class:`FrameGate`), ``decided`` once the stream
+    knows which frames it wants after it -- when its step's result is in (an exit, or the next slot), or
+    at once for a frame the windows do not use. Until then the reader holds the packets that follow
+    undecoded (:meth:`~pipelines.serve.sources.SourceReader._packets`). Set on the event loop, read by
+    the reader thread: a plain flag, set after the skip hint."""
+
+    __slots__ = ("decided",)
+
+    def __init__(self) -> None:
+        self.decided = False
+
+
 class FrameGate:
     """Lets a source reader thread leave out the frames its stream will not use, without a trip to the
     event loop for each one.
@@ -700,26 +732,37 @@ class FrameGate:
 
     def __init__(self, session: "StreamSession") -> None:
         self.session = session
+        self.handover: Handover | None = None
+        """The last frame passed that the stream may use."""
         self.skipped = 0
         self.last_media: float | None = None  # the last frame seen, left out or not
         self.last_left_out = False  # whether that frame was left out
         self.passed_at = -math.inf
         self.passed_media: float | None = None  # media time of the last frame through or count reported
 
-    def check(self, media_time: float | None, now: float) -> tuple[int, float | None] | None:
+    def check(self, media_time: float | None, now: float) -> tuple[int, float | None, Handover | None] | None:
         """None: leave this frame out (it is counted). Otherwise (frames left out since the last one
-        that went through, the media time of the frame just before this one if it was left out)."""
+        that went through, the media time of the frame just before this one if it was left out, the
+        frame's :class:`Handover` if the stream may use it -- None for a heartbeat)."""
         hint = self.session.skip_hint
         before, self.last_media = self.last_media, media_time
         after_left_out, self.last_left_out = self.last_left_out, True
-        if (hint is not None and media_time is not None and hint[0] < media_time < hint[1]
-                and now - self.passed_at < self.HEARTBEAT_S):
+        unwanted = hint is not None and media_time is not None and hint[0] < media_time < hint[1]
+        if unwanted and now - self.passed_at < self.HEARTBEAT_S:
             self.skipped += 1
             return None
         self.passed_at, self.passed_media = now, media_time
         self.last_left_out = False
         skipped, self.skipped = self.skipped, 0
-        return skipped, (before if after_left_out else None)
+        handover = None if unwanted else Handover()
+        if handover is not None:
+            self.handover = handover
+        return skipped, (before if after_left_out else None), handover
+
+    def awaited(self) -> Handover | None:
+        """The last frame passed the stream may use, while its decision is not in (None otherwise)."""
+        handover = self.handover
+        return handover if handover is not None and not handover.decided else None
 
     def leave_out(self, media_time: float | None, now: float) -> int:
         """A frame left out before decoding (:class:`~pipelines.serve.sources.KeyframeSkipper`): counted
@@ -778,5 +821,5 @@ def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int |
                           drop_policy=drop_policy, queue_frames=config.queue_frames, fps=fps)
 
 
-__all__ = ["StreamSession", "StreamSettings", "FrameGate", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
+__all__ = ["StreamSession", "StreamSettings", "FrameGate", "Handover", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
            "TokenBucket", "RateMeter"]
