@@ -15,9 +15,10 @@ Push sources (MPEG-TS chunks over a WebSocket): the chunks go into a :class:`Chu
 file-like object the demuxer reads from, so chunk boundaries can fall anywhere.
 
 Both kinds leave undecoded the packets no wanted frame depends on (:class:`KeyframeSkipper`): after a
-window's early exit, the frames up to the last keyframe before the next window. A pulled live source's
-reader that falls far behind its source skips to the live edge instead of decoding the backlog
-(:class:`CatchUp`).
+window's early exit, the frames up to the last keyframe before the next window -- and they do not
+decode ahead of the exit decision: while a frame handed over awaits it, the packets after it are held
+undecoded (:meth:`SourceReader._packets`). A pulled live source's reader that falls far behind its
+source skips to the live edge instead of decoding the backlog (:class:`CatchUp`).
 """
 
 from __future__ import annotations
