@@ -754,10 +754,9 @@ class FrameGate:
         self.passed_at, self.passed_media = now, media_time
         self.last_left_out = False
         skipped, self.skipped = self.skipped, 0
-        handover = None if unwanted else Handover()
-        if handover is not None:
-            self.handover = handover
-        return skipped, (before if after_left_out else None), handover
+        if not unwanted:
+            self.handover = Handover()
+        return skipped, (before if after_left_out else None), None if unwanted else self.handover
 
     def awaited(self) -> Handover | None:
         """The last frame passed the stream may use, while its decision is not in (None otherwise)."""
