@@ -970,9 +970,10 @@ def test_a_reader_holds_packets_undecoded_until_its_stream_decides(tmp_path, exi
     path = write_video(tmp_path / "camera.ts", 150, gop=25, bframes=False, container_format="mpegts")
     with av.open(str(path)) as probe:
         start = float(probe.streams.video[0].start_time * probe.streams.video[0].time_base)
-    # Packets read between handing a frame over and its decision: late, but within the 6-7 frames
-    # between two slots (if every decision came after the next slot, the stream could not keep up with
-    # or without holding: its worker steps one frame at a time).
+    # Packets read between handing a frame over and its decision: late, but before the next slot --
+    # with exits the next window, 25 frames on; without, 6-7 frames on (if every decision came after
+    # the next slot, the stream could not keep up with or without holding: its worker steps one frame
+    # at a time).
     late = 8 if exits else 5
     slots = (0,) if exits else (0, 7, 13, 19)  # a window's frames at or after 0 (0.25, 0.5, 0.75) s
 
