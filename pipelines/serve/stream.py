@@ -98,6 +98,11 @@ class Pending:
     handover: "Handover | None" = None
     """The source reader's token for this frame, decided once the worker is done with it."""
 
+    def decided(self) -> None:
+        """The stream is done with this frame: its reader may decode on (:class:`Handover`)."""
+        if self.handover is not None:
+            self.handover.decided = True
+
 
 @dataclass
 class Counters:
@@ -393,10 +398,8 @@ class StreamSession:
             if self.settings.drop_policy == "drop_newest":
                 self.counters.drop("queue_full")
                 return False
-            dropped = self.pending.popleft()  # drop_oldest: stay live
+            self.pending.popleft().decided()  # drop_oldest: stay live
             self.counters.drop("queue_full")
-            if dropped.handover is not None:
-                dropped.handover.decided = True
         self.pending.append(Pending(admission.window, admission.slot, index, t, media_time, received, produce,
                                     handover=handover))
         self._drained.clear()
@@ -437,8 +440,7 @@ class StreamSession:
                 finally:
                     self._in_step = False
                     self.last_activity = time.monotonic()
-                    if item.handover is not None:
-                        item.handover.decided = True  # after the skip hint took in the step's result
+                    item.decided()  # after the skip hint took in the step's result
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - a bug; keep the replica serving the other streams
@@ -640,8 +642,7 @@ class StreamSession:
         except asyncio.CancelledError:
             interrupted = True  # whoever closes went away (a DELETE's client): close all the same, then say so
         for item in self.pending:
-            if item.handover is not None:
-                item.handover.decided = True
+            item.decided()
         self._end_window("end")
         if self.status not in ("failed",):
             self.status = status
@@ -820,5 +821,5 @@ def parse_settings(config: ServeConfig, num_frames: int, *, window_frames: int |
                           drop_policy=drop_policy, queue_frames=config.queue_frames, fps=fps)
 
 
-__all__ = ["StreamSession", "StreamSettings", "FrameGate", "Handover", "parse_settings", "Hub", "PUSH", "PULL", "BudgetError",
-           "TokenBucket", "RateMeter"]
+__all__ = ["StreamSession", "StreamSettings", "FrameGate", "Handover", "parse_settings", "Hub", "PUSH", "PULL",
+           "BudgetError", "TokenBucket", "RateMeter"]
