@@ -750,6 +750,7 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
     drops: dict[str, int] = {}  # frames dropped, by reason
     p50s, p99s, fps = [], [], []
     missing = stale = received = decoded = 0
+    not_live: dict[str, int] = {}  # why a stream was not live: its status (and message), or not listed
     dozed = span = 0.0
     for sid in ids:
         if sid in refused:
@@ -757,6 +758,13 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         a, b = before.get(sid), after.get(sid)
         if a is None or b is None or b["status"] != "live":
             missing += 1
+            if b is None:
+                why = "not listed at the end"
+            elif a is None:
+                why = f"not listed at the start ({b['status']} at the end)"
+            else:
+                why = b["status"] + (f": {b['message']}" if b.get("message") else "")
+            not_live[why] = not_live.get(why, 0) + 1
             continue
         # With several ingress replicas, a stream another replica serves is reported as of its owner's
         # last sync to the directory (about a window behind: a window's result makes the record due);
@@ -804,7 +812,8 @@ async def run_pull_trial(base_url: str, n: int, budget: str, ts: tuple[bytes, fl
         reasons.append(f"{len(refused)} streams refused for {args.admission_wait:g} s "
                        f"({next(iter(refused.values()))})")
     if missing:
-        reasons.append(f"{missing} streams not live")
+        reasons.append(f"{missing} streams not live ("
+                       + ", ".join(f"{count} {why}" for why, count in sorted(not_live.items())) + ")")
     if stale:
         reasons.append(f"{stale} streams' counters not refreshed by their replica")
     # UDP is paced by bytes, so over a few seconds a stream can run a little under its frame rate;
