@@ -108,8 +108,9 @@ class ServeConfig:
     """Ingress replicas (processes) sharing the streams: each decodes its own pulled sources and holds
     its own WebSockets, so more of them spread the per-frame work over more cores (and nodes); for
     pulled streams, one more than the node's cores (each replica's threads share one GIL; measured in
-    docs/serving.md, "Configuration and deployment"). A client request lands on any replica; one about a stream another replica serves is answered from the
-    stream directory (status), forwarded (PATCH, DELETE: 202) or relayed (server-sent events)."""
+    docs/serving.md, "Configuration and deployment"). A client request lands on any replica; one about
+    a stream another replica serves is answered from the stream directory (status), forwarded (PATCH,
+    DELETE: 202) or relayed (server-sent events)."""
     ingress_cpus: float = 0.5
     step_timeout_s: float = 20.0
     """A step that takes longer is retried (its replica is presumed lost)."""
